@@ -1,0 +1,93 @@
+"""The process: builds the parts from the configuration, runs them, and shuts them down.
+
+Exit codes: 0 after a clean drain (or any SIGTERM with shutdown.exit_zero_on_sigterm), 1 when the
+gateway could not start, 2 for a configuration error, 3 when the drain hit shutdown.max_delay and
+connections had to be cut, 130 when a second signal cut the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from . import __version__
+from .config import Config, ConfigError, Invocation, reload_policy
+from .metrics import Metrics
+from .ops import Ops
+from .server import Server
+
+log = logging.getLogger("gateway")
+
+EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG, EXIT_DRAIN_CUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Gateway:
+    def __init__(self, config: Config, invocation: Invocation):
+        self.config = config
+        self.invocation = invocation
+        self.metrics = Metrics()
+        self.server = Server(config, self.metrics)
+        self.ops = Ops(config, self.metrics, self.server, None, self.request_shutdown)
+        self._shutdown = asyncio.Event()
+        self._shutdown_reason = ""
+        self._signals = 0
+
+    def request_shutdown(self, reason: str) -> None:
+        self._shutdown_reason = reason
+        self._shutdown.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting at once", extra={"signal": signal.Signals(signum).name})
+            os._exit(EXIT_INTERRUPTED)
+        self.request_shutdown(signal.Signals(signum).name)
+
+    def _on_reload(self) -> None:
+        try:
+            config = reload_policy(self.config, self.invocation, dict(os.environ))
+        except ConfigError as exc:
+            log.error("reload refused; the running settings stay", extra={"error": str(exc)})
+            return
+        self.apply(config)
+        log.info("configuration reloaded", extra={"mode": config.mode, "unknown_batch": config.unknown_batch})
+
+    def apply(self, config: Config) -> None:
+        self.config = config
+        self.server.config = config
+        self.ops.config = config
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            await self.server.start()
+            await self.ops.start()
+        except OSError as exc:
+            log.error("cannot start", extra={"error": str(exc)})
+            return EXIT_START_FAILED
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        host, port = self.server.address
+        log.info(
+            f"gateway listening on {host}:{port}",
+            extra={"version": __version__, "settings": self.config.describe()},
+        )
+        await self._shutdown.wait()
+        return await self._drain()
+
+    async def _drain(self) -> int:
+        shutdown = self.config.shutdown
+        started = time.monotonic()
+        log.info("shutting down", extra={"reason": self._shutdown_reason, "connections": len(self.server.sessions)})
+        self.server.begin_drain()
+        await asyncio.sleep(shutdown.min_delay)
+        clean = await self.server.drain(started + shutdown.max_delay)
+        await self.ops.stop()
+        log.info("stopped", extra={"clean": clean, "seconds": round(time.monotonic() - started, 3)})
+        if clean or shutdown.exit_zero_on_sigterm:
+            return EXIT_OK
+        return EXIT_DRAIN_CUT

@@ -1,0 +1,196 @@
+"""The Faktory wire protocol, sans I/O.
+
+Two framers and a few reply builders, nothing else: bytes go in, frames come out. No sockets, no
+asyncio, no JSON decoding of payloads, so the rules of the protocol can be tested by replaying byte
+sequences, and the hot path pays only for finding line ends.
+
+- Client to server: one command per line, ended by CRLF or a bare LF (the Ruby client sends LF).
+  The verb is everything before the first space and is case-sensitive.
+- Server to client: RESP. `+text`, `-CODE text`, `:int` and `$n` followed by exactly n bytes, or
+  `$-1` for null.
+
+Every frame keeps its exact bytes (`raw`) so the proxy can forward it unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Command",
+    "CommandReader",
+    "FrameTooLarge",
+    "ProtocolError",
+    "Reply",
+    "ReplyReader",
+    "bulk_reply",
+    "error_reply",
+    "OK_REPLY",
+]
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not the Faktory protocol."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A line or bulk string is longer than the configured cap."""
+
+
+class Command:
+    """One client line: `verb`, the bytes after the first space (`args`), and the exact line (`raw`)."""
+
+    __slots__ = ("verb", "args", "raw")
+
+    def __init__(self, verb: bytes, args: bytes, raw: bytes):
+        self.verb = verb
+        self.args = args
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"Command({self.verb!r}, {self.args[:60]!r}{'...' if len(self.args) > 60 else ''})"
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Command:
+        """Split one line (with its line end) into verb and arguments, as the server does."""
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+        verb, _, args = line.partition(b" ")
+        return cls(verb, args, raw)
+
+
+class CommandReader:
+    """Frames the client's byte stream into commands.
+
+    A line longer than `max_line` raises FrameTooLarge as soon as the excess is seen, without
+    waiting for its end, so an endless line cannot grow memory without bound.
+    """
+
+    def __init__(self, max_line: int = 16 * 1024 * 1024):
+        self.max_line = max_line
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already known to hold no LF
+
+    def feed(self, data: bytes) -> list[Command]:
+        buffer = self._buffer
+        if not buffer and data.endswith(b"\n") and data.count(b"\n") == 1 and len(data) <= self.max_line + 1:
+            return [Command.parse(data)]  # the common case: exactly one whole line per read
+        buffer += data
+        commands = []
+        start = 0
+        find = buffer.find
+        while True:
+            end = find(b"\n", max(start, self._scanned))
+            if end < 0:
+                break
+            if end - start > self.max_line:
+                raise FrameTooLarge(f"line longer than {self.max_line} bytes")
+            commands.append(Command.parse(bytes(buffer[start : end + 1])))
+            start = end + 1
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
+        if len(buffer) > self.max_line:
+            raise FrameTooLarge(f"line longer than {self.max_line} bytes")
+        return commands
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete line held back."""
+        return len(self._buffer)
+
+
+class Reply:
+    """One RESP frame from the server: its type byte, its payload, and its exact bytes.
+
+    `payload` is the text after the type byte for `+`, `-`, `:`; the bulk bytes for `$n`; None for `$-1`.
+    """
+
+    __slots__ = ("kind", "payload", "raw")
+
+    def __init__(self, kind: int, payload: bytes | None, raw: bytes):
+        self.kind = kind
+        self.payload = payload
+        self.raw = raw
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind == MINUS
+
+    def __repr__(self) -> str:
+        return f"Reply({self.raw[:80]!r})"
+
+
+PLUS, MINUS, COLON, DOLLAR = b"+-:$"
+
+
+class ReplyReader:
+    """Frames the server's byte stream into RESP replies. Anything else raises ProtocolError."""
+
+    def __init__(self, max_bulk: int = 64 * 1024 * 1024):
+        self.max_bulk = max_bulk
+        self._buffer = bytearray()
+        self._need = 0  # a bulk header was read: wait for this many bytes in all before parsing again
+
+    def feed(self, data: bytes) -> list[Reply]:
+        buffer = self._buffer
+        buffer += data
+        size = len(buffer)
+        if size < self._need:
+            return []
+        replies = []
+        start = 0
+        need = 0
+        while start < size:
+            header_end = buffer.find(b"\r\n", start)
+            kind = buffer[start]
+            if header_end < 0:
+                if size - start > (64 if kind == DOLLAR else self.max_bulk):
+                    raise FrameTooLarge("server line too long")
+                break
+            if kind == DOLLAR:
+                try:
+                    length = int(buffer[start + 1 : header_end])
+                except ValueError:
+                    raise ProtocolError(f"bad bulk length {bytes(buffer[start:header_end])[:40]!r}") from None
+                if length == -1:
+                    end = header_end + 2
+                    replies.append(Reply(kind, None, bytes(buffer[start:end])))
+                    start = end
+                    continue
+                if length < 0 or length > self.max_bulk:
+                    raise FrameTooLarge(f"bulk string of {length} bytes")
+                end = header_end + 2 + length + 2
+                if end > size:
+                    need = end - start
+                    break
+                if buffer[end - 2 : end] != b"\r\n":
+                    raise ProtocolError("bulk string not followed by CRLF")
+                raw = bytes(buffer[start:end])
+                replies.append(Reply(kind, raw[header_end + 2 - start : -2], raw))
+                start = end
+            elif kind in (PLUS, MINUS, COLON):
+                end = header_end + 2
+                raw = bytes(buffer[start:end])
+                replies.append(Reply(kind, raw[1:-2], raw))
+                start = end
+            else:
+                raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
+        if start:
+            del buffer[:start]
+        self._need = need
+        return replies
+
+
+OK_REPLY = b"+OK\r\n"
+
+
+def error_reply(code: str, message: str) -> bytes:
+    """A Faktory-style error: `-ERR CODE message`. `ERR` first, because the Ruby client raises only on it.
+
+    Line breaks in the message would split the frame, so they are flattened.
+    """
+    text = f"{code} {message}" if code else message
+    text = text.replace("\r", " ").replace("\n", " ")
+    return b"-ERR " + text.encode("utf-8", "replace") + b"\r\n"
+
+
+def bulk_reply(payload: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(payload), payload)

@@ -1,0 +1,211 @@
+"""Real peer processes for the integration tests: Faktory, Redis, the gateway.
+
+Each class starts one process on loopback ports with its own scratch directory, waits until it
+is ready, and stops it. Nothing here is mocked: the tests talk to the same binaries a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def faktory_binary() -> str:
+    """The Faktory server built by scripts/install-test-deps.sh, or one named by FAKTORY_BIN."""
+    for candidate in (os.environ.get("FAKTORY_BIN"), str(REPO / ".tools/bin/faktory"), shutil.which("faktory")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("no faktory binary: run scripts/install-test-deps.sh (or set FAKTORY_BIN)")
+
+
+class Process:
+    """A child process whose output is collected, so a test can wait for a line or show it on failure."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None):
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.output: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        self.output = []
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        threading.Thread(target=self._collect, args=(self.proc,), daemon=True).start()
+
+    def _collect(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            with self._changed:
+                self.output.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_line(self, needle: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.output:
+                    if needle in line:
+                        return line
+                if self.proc.poll() is not None and not self._pending_output():
+                    raise RuntimeError(f"{self.argv[0]} exited ({self.proc.returncode}):\n" + self.text())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no line containing {needle!r} from {self.argv[0]}:\n" + self.text())
+                self._changed.wait(min(left, 0.2))
+
+    def _pending_output(self) -> bool:
+        return not self.proc.stdout.closed and self.proc.returncode is None
+
+    def text(self) -> str:
+        return "\n".join(self.output[-200:])
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class FaktoryServer(Process):
+    """The real Faktory OSS server, with its private Redis, on a loopback port."""
+
+    def __init__(self, password: str | None = None, tls_dir: str | None = None):
+        self.port = free_port()
+        self.web_port = free_port()
+        self.password = password
+        self.storage = tempfile.mkdtemp(prefix="faktory-data-")
+        self.config_dir = tls_dir or tempfile.mkdtemp(prefix="faktory-conf-")
+        env = {k: v for k, v in os.environ.items() if k != "FAKTORY_PASSWORD"}
+        if password:
+            env["FAKTORY_PASSWORD"] = password
+        argv = [
+            faktory_binary(),
+            "-b", f"127.0.0.1:{self.port}",
+            "-w", f"127.0.0.1:{self.web_port}",
+            "-e", "development",
+            "-d", self.storage,
+            "-c", self.config_dir,
+            "-l", "warn",
+        ]  # fmt: skip
+        super().__init__(argv, env=env)
+
+    def start(self) -> FaktoryServer:
+        super().start()
+        self.wait_for_line("listening at", timeout=30)
+        return self
+
+    def restart(self) -> FaktoryServer:
+        """Start again on the same port with the same data, as after a crash."""
+        self.stop()
+        # A fresh storage dir would lose the jobs; the old one is reusable once its Redis is gone.
+        return self.start()
+
+    @property
+    def url(self) -> str:
+        scheme = "tcp+tls" if os.path.exists(os.path.join(self.config_dir, "public.cert.pem")) else "tcp"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+
+class RedisServer(Process):
+    """Debian's redis-server on a loopback port, with no persistence."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="redis-")
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir,
+        ]  # fmt: skip
+        super().__init__(argv)
+
+    def start(self) -> RedisServer:
+        super().start()
+        self.wait_for_line("Ready to accept connections", timeout=20)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class GatewayProcess(Process):
+    """The gateway as users run it: `python -m gateway` with flags."""
+
+    def __init__(self, upstream: str, *extra: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.http_port = free_port()
+        argv = [
+            sys.executable, "-m", "gateway",
+            "--listen", f"127.0.0.1:{self.port}",
+            "--http-listen", f"127.0.0.1:{self.http_port}",
+            "--upstream", upstream,
+            *extra,
+        ]  # fmt: skip
+        full_env = {**os.environ, **(env or {})}
+        super().__init__(argv, env=full_env, cwd=str(REPO))
+
+    def start(self) -> GatewayProcess:
+        super().start()
+        self.wait_for_line("gateway listening", timeout=20)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
