@@ -15,6 +15,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +89,7 @@ class Process:
     def text(self) -> str:
         return "\n".join(self.output[-200:])
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
@@ -129,7 +131,7 @@ class FaktoryServer(Process):
             "-e", "development",
             "-d", self.storage,
             "-c", self.config_dir,
-            "-l", "warn",
+            "-l", "info",
         ]  # fmt: skip
         super().__init__(argv, env=env)
 
@@ -201,10 +203,31 @@ class GatewayProcess(Process):
         full_env = {**os.environ, **(env or {})}
         super().__init__(argv, env=full_env, cwd=str(REPO))
 
-    def start(self) -> GatewayProcess:
+    def start(self, timeout: float = 20.0) -> GatewayProcess:
+        """Start and wait until /startup answers 200, as a Kubernetes startup probe would."""
         super().start()
-        self.wait_for_line("gateway listening", timeout=20)
+        deadline = time.monotonic() + timeout
+        while self.http_status("/startup") != 200:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n" + self.text())
+            if time.monotonic() > deadline:
+                raise TimeoutError("gateway did not start:\n" + self.text())
+            time.sleep(0.05)
         return self
+
+    def http_status(self, path: str, method: str = "GET") -> int | None:
+        try:
+            return self.http(path, method)[0]
+        except OSError:
+            return None
+
+    def http(self, path: str, method: str = "GET") -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     @property
     def url(self) -> str:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine, idempotently:
+# redis-server (Debian), the Faktory OSS server (built with `go install` from the Go module proxy),
+# the npm client used by the tests, and this package with its test extras in .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "== installing redis-server"
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq redis-server >/dev/null
+fi
+
+if [ ! -x .tools/bin/faktory ]; then
+  echo "== building the Faktory server (go install, pinned in tools/faktory/go.mod)"
+  # `go install github.com/contribsys/faktory/cmd/faktory@v1.9.4` needs the module's version list,
+  # which the module proxy does not serve for this module; a go.mod `tool` entry pins the same
+  # version without it.
+  (cd tools/faktory && GOBIN="$repo/.tools/bin" GOFLAGS=-mod=mod go install tool)
+fi
+
+if [ ! -d tests/clients/node/node_modules/faktory-worker ]; then
+  echo "== installing the npm client"
+  (cd tests/clients/node && npm ci --silent --no-audit --no-fund)
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import gateway, pytest, hypothesis, faktory, pyfaktory" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+  echo "== installing the package and its test dependencies into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  touch .venv/.installed
+fi
