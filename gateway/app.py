@@ -14,10 +14,13 @@ import signal
 import time
 
 from . import __version__
-from .config import Config, ConfigError, Invocation, reload_policy
+from .config import Config, ConfigError, Invocation, redact_url, reload_policy
+from .guard import LEASE_TTL, BatchGuard
 from .metrics import Metrics
 from .ops import Ops
 from .server import Server
+from .store import BatchStore
+from .store.memory import MemoryStore
 
 log = logging.getLogger("gateway")
 
@@ -29,8 +32,10 @@ class Gateway:
         self.config = config
         self.invocation = invocation
         self.metrics = Metrics()
-        self.server = Server(config, self.metrics)
-        self.ops = Ops(config, self.metrics, self.server, None, self.request_shutdown)
+        self.store = open_store(config)
+        self.guard = BatchGuard(self.store, config, self.metrics)
+        self.server = Server(config, self.metrics, self.guard)
+        self.ops = Ops(config, self.metrics, self.server, self.store.ping, self.request_shutdown)
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._signals = 0
@@ -58,6 +63,7 @@ class Gateway:
     def apply(self, config: Config) -> None:
         self.config = config
         self.server.config = config
+        self.guard.config = config
         self.ops.config = config
 
     async def run(self) -> int:
@@ -72,6 +78,11 @@ class Gateway:
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         host, port = self.server.address
+        if isinstance(self.store, MemoryStore):
+            log.warning(
+                "no redis configured: batch state lives in this process only; run a single gateway "
+                "per Faktory server, or set redis to share state between gateways"
+            )
         log.info(
             f"gateway listening on {host}:{port}",
             extra={"version": __version__, "settings": self.config.describe()},
@@ -87,7 +98,17 @@ class Gateway:
         await asyncio.sleep(shutdown.min_delay)
         clean = await self.server.drain(started + shutdown.max_delay)
         await self.ops.stop()
+        await self.store.close()
         log.info("stopped", extra={"clean": clean, "seconds": round(time.monotonic() - started, 3)})
         if clean or shutdown.exit_zero_on_sigterm:
             return EXIT_OK
         return EXIT_DRAIN_CUT
+
+
+def open_store(config: Config) -> BatchStore:
+    if not config.redis:
+        return MemoryStore(config.batch_retention, LEASE_TTL)
+    from .store.redis import RedisStore  # imported only when used: redis-py takes a while to load
+
+    log.info("batch store: redis", extra={"url": redact_url(config.redis), "prefix": config.redis_key_prefix})
+    return RedisStore(config.redis, config.redis_key_prefix, config.batch_retention, LEASE_TTL)

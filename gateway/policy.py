@@ -1,0 +1,153 @@
+"""Pure decisions about batches: what a payload adds to, and whether a batch's state allows it.
+
+No I/O here. The guard (guard.py) gathers the facts (a payload, a state from the store, whether the
+worker holds a job of the batch) and asks these functions; the tests ask them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .protocol import error_reply
+from .store import COMMITTED, COMMITTING, FIRED, OPEN
+
+STRICT, MEMBER_REOPEN, SHADOW = "strict", "member-reopen", "shadow"
+
+# Ent's bids are `b-` and a url-safe token; be generous, but never let a brace (a Redis hash tag),
+# a space or a line break from a client reach a key or a log line.
+BID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class Malformed(ValueError):
+    """A payload the gateway cannot judge safely; refused rather than guessed at."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    message: str
+
+    def reply(self) -> bytes:
+        return error_reply(self.code, self.message)
+
+
+def valid_bid(bid: object) -> str:
+    if not isinstance(bid, str) or not BID.fullmatch(bid):
+        shown = repr(bid)[:40] if isinstance(bid, str) else type(bid).__name__
+        raise Malformed(f"invalid batch id {shown}: expected 1-128 letters, digits, '_', '-', '.', ':'")
+    return bid
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # The Go server merges a repeated key's objects where Python keeps the last one; a payload
+    # that the two would read differently is refused instead of being judged on one reading.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise Malformed("duplicate keys in JSON object")
+    return result
+
+
+def decode(payload: bytes) -> object:
+    try:
+        return json.loads(payload, object_pairs_hook=_unique_keys)
+    except Malformed:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
+
+
+def field(obj: dict, name: str) -> object:
+    """A struct field as Go's encoding/json finds it: the key matched case-insensitively."""
+    matches = [key for key in obj if key.lower() == name]
+    if len(matches) > 1:
+        raise Malformed(f"ambiguous keys {', '.join(sorted(matches))}")
+    return obj[matches[0]] if matches else None
+
+
+def job_bid(job: object) -> str | None:
+    """The batch a job joins: its `custom.bid`, validated; None for a job outside any batch."""
+    if not isinstance(job, dict):
+        return None  # not a job: the server refuses it
+    custom = field(job, "custom")
+    if not isinstance(custom, dict):
+        return None
+    bid = custom.get("bid")
+    if bid is None or bid == "":
+        return None
+    return valid_bid(bid)
+
+
+def may_name_a_batch(payload: bytes) -> bool:
+    """The fast-path filter: False only when the payload certainly names no batch.
+
+    A key can be spelt with JSON escapes (`"b\\u0069d"`), so any escape sends the payload to the
+    full decoder too.
+    """
+    return b'"bid"' in payload or b"\\u" in payload
+
+
+def refusal_to_add(bid: str, state: str) -> Refusal | None:
+    """A job joining batch `bid` (PUSH, each job of PUSHB). Invariants I1 and I2."""
+    if state == OPEN:
+        return None
+    if state == FIRED:
+        return Refusal("BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; nothing may join it")
+    if state == COMMITTING:
+        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; jobs may not join it")
+    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; only a job of the batch may reopen it")
+
+
+def refusal_to_nest(parent: str, state: str) -> Refusal | None:
+    """`BATCH NEW` with `parent_bid`: judged exactly like adding to the parent (I3)."""
+    refusal = refusal_to_add(parent, state)
+    if refusal is None:
+        return None
+    reason = refusal.message.split("; ")[0].replace(f"batch {parent}", f"parent batch {parent}")
+    return Refusal("PARENT_SEALED", f"{reason}; no child batch may be added to it")
+
+
+def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> Refusal | None:
+    """`BATCH OPEN` (I4). For a committed batch in member-reopen mode, None still means
+    "allowed if its callbacks have not fired": the guard checks that with the server."""
+    if state == OPEN:
+        return None
+    if state == FIRED:
+        return Refusal("BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; it may not be reopened")
+    if state == COMMITTING:
+        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; it may not be reopened now")
+    if mode == MEMBER_REOPEN:
+        if holds_member_job:
+            return None
+        return Refusal(
+            "BATCH_COMMITTED",
+            f"batch {bid} is committed; only a worker holding one of its jobs may reopen it",
+        )
+    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; committed batches are sealed (mode {mode})")
+
+
+def status_fired(status: object) -> bool:
+    """A BATCH STATUS reply shows a callback enqueued: `complete_st` or `success_st` not empty."""
+    return isinstance(status, dict) and bool(status.get("complete_st") or status.get("success_st"))
+
+
+def refusal_unknown(bid: str, policy_name: str) -> Refusal:
+    if policy_name == "reject":
+        return Refusal("BATCH_UNKNOWN", f"batch {bid} has no record at the gateway (unknown_batch: reject)")
+    return Refusal("BATCH_UNKNOWN", f"batch {bid} does not exist on the server")
+
+
+def refusal_store_down(bid: str) -> Refusal:
+    return Refusal("STATE_UNAVAILABLE", f"the batch store is unavailable; batch {bid} cannot be checked; retry")
+
+
+def refusal_fence_timeout(bid: str, seconds: float) -> Refusal:
+    return Refusal(
+        "COMMIT_FENCE_TIMEOUT",
+        f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit",
+    )
+
+
+def refusal_malformed(verb: str, problem: str) -> Refusal:
+    return Refusal("MALFORMED", f"{verb}: {problem}")
