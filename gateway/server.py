@@ -88,8 +88,6 @@ class Server:
         self._all_closed.clear()
         self.metrics.connections.inc()
         self.metrics.connections_active.inc()
-        if self.state == "draining":
-            session.drain()
 
     def session_closed(self, session: Session) -> None:
         if session in self.sessions:

@@ -145,6 +145,10 @@ class Session(asyncio.Protocol):
     async def _dial(self) -> None:
         server = self.server
         upstream = server.config.upstream
+        # The server speaks first (`+HI`), possibly before create_connection returns here.
+        greeting = _Slot(None, perf_counter())
+        self.slots.append(greeting)
+        self.waiting.append((greeting, None, False))
         try:
             transport, _ = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
@@ -166,9 +170,6 @@ class Session(asyncio.Protocol):
             transport.close()
             return
         self.upstream = transport
-        greeting = _Slot(None, perf_counter())  # the server speaks first: `+HI`, relayed as it is
-        self.slots.append(greeting)
-        self.waiting.append((greeting, None, False))
         if self._early:
             early, self._early = bytes(self._early), b""
             self.data_received(early)
