@@ -66,6 +66,9 @@ class BatchGuard:
             return self._push_bulk(command, session) if policy.may_name_a_batch(command.args) else None
         if verb in (b"ACK", b"FAIL") and session.wid in self._held_here:
             self._finished(command, session.wid)
+        elif verb == b"QUEUE" and not command.args.strip():
+            # Faktory 1.9.4 panics on a bare QUEUE and the whole server goes down with it.
+            return self._malformed(command, session, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)")
         return None
 
     # ------------------------------------------------------------------------------------------

@@ -291,3 +291,11 @@ def test_node_client_pipelines_through_the_gateway(gateway):
     assert outcome["pushReplies"] == ["OK"] * 200
     assert outcome["fetched"] == list(range(200))
     assert outcome["library"] == ["library"]
+
+
+def test_a_bare_queue_which_crashes_faktory_1_9_4_is_refused(faktory, gateway):
+    with RawClient.connect(gateway.url) as client:
+        assert client.call("QUEUE").startswith(b"-ERR MALFORMED QUEUE: a subcommand is required")
+        assert client.call("QUEUE PAUSE x") == b"+OK\r\n"
+    with RawClient.connect(faktory.url) as client:  # the server is still up
+        assert client.call("QUEUE RESUME x") == b"+OK\r\n"
