@@ -120,6 +120,7 @@ class FaktoryServer(Process):
         self.web_port = free_port()
         self.password = password
         self.storage = tempfile.mkdtemp(prefix="faktory-data-")
+        self._own_config_dir = tls_dir is None
         self.config_dir = tls_dir or tempfile.mkdtemp(prefix="faktory-conf-")
         env = {k: v for k, v in os.environ.items() if k != "FAKTORY_PASSWORD"}
         if password:
@@ -155,6 +156,8 @@ class FaktoryServer(Process):
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.storage, ignore_errors=True)
+        if self._own_config_dir:
+            shutil.rmtree(self.config_dir, ignore_errors=True)
 
 
 class RedisServer(Process):
