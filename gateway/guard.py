@@ -17,10 +17,11 @@ Invariants (design.md section 2) and where they are kept:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 from . import policy
@@ -50,6 +51,8 @@ class BatchGuard:
         self.metrics = metrics
         self._background: set[asyncio.Task] = set()
         self._held_here: dict[str, set[str]] = {}  # wid -> jids fetched through this gateway
+        # Lease tokens need only be unique among live leases: this process's id and a counter.
+        self._tokens = map(f"{os.urandom(4).hex()}-{{}}".format, itertools.count())
 
     # ------------------------------------------------------------------------------------------
     # Dispatch (hot path)
@@ -120,7 +123,7 @@ class BatchGuard:
 
     async def _admit(self, bid: str, session: Session) -> tuple[str | None, str]:
         """Try to add to `bid`. Returns (lease token or None, state that decided)."""
-        token = uuid.uuid4().hex
+        token = next(self._tokens)
         state = await self._store("admit", self.store.admit(bid, token))
         if state == UNKNOWN:
             state = await self._judge_unknown(bid, session)
