@@ -1,0 +1,821 @@
+"""Benchmark: the same workloads direct to Faktory and through the gateway, in one run.
+
+    python bench/run.py                       # everything, about 2.5 minutes
+    python bench/run.py --duration 5 --rounds 4 --scenarios push16,lat-push
+    python bench/run.py --profile push16      # also py-spy the gateway under that load afterwards
+
+Throughput rounds alternate direct/gateway in ABBA order (D G G D D G ...) so drift hits both
+alike; the latency scenarios alternate per block of commands inside one generator process. The
+load comes from bench/loadgen.py in its own process. See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.client import RawClient
+from tests.support.ent_standin import StandinProcess
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port
+
+LOADGEN = str(REPO / "bench" / "loadgen.py")
+RESULTS = REPO / "bench" / "results"
+SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "lat-push", "lat-beat", "idle", "batch")
+TARGETS = {
+    "push16_ratio": 0.9,
+    "added_p50_us": 100.0,
+    "added_p99_us": 1000.0,
+    "idle_kib_per_conn": 50.0,
+    "batch_ratio": 0.7,
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes and sampling
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def set_affinity(pids: list[int], cpus: set[int]) -> None:
+    """Pin every thread of each process (Go's runtime threads included)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+
+
+def perf_split(perf: str, pid: str, seconds: int, data: Path) -> dict | None:
+    """Where a process's CPU goes, by shared object and by top symbol: `perf record` for `seconds`."""
+    record = subprocess.run([perf, "record", "-F", "999", "-g", "-p", pid, "-o", str(data), "--", "sleep",
+                             str(seconds)], check=False, capture_output=True, text=True)  # fmt: skip
+    if record.returncode != 0 or not data.exists():
+        return {"error": record.stderr.strip()[-300:]}
+
+    def table(sort: str, limit: int) -> list[tuple[str, float]]:
+        out = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio", "-g",
+                              "none"], check=False, capture_output=True, text=True).stdout  # fmt: skip
+        rows = []
+        for line in out.splitlines():
+            match = re.match(r"\s*([\d.]+)%\s+(.*\S)", line)
+            if match and not line.startswith("#"):
+                rows.append((match.group(2), float(match.group(1))))
+        return rows[:limit]
+
+    return {"by_object_pct": table("dso", 8), "by_symbol_pct": table("dso,sym", 25)}
+
+
+def loadgen(spec: dict, timeout: float | None = None) -> dict:
+    timeout = timeout or spec.get("warmup", 1) + spec.get("duration", 0) * 2 + 60
+    done = subprocess.run(
+        [sys.executable, LOADGEN, json.dumps(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def percentiles(values: array) -> dict | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def at(q: float) -> float:
+        return ordered[min(n - 1, int(q * n))] * 1e6
+
+    return {
+        "n": n,
+        "mean_us": sum(ordered) / n * 1e6,
+        "p50_us": at(0.5),
+        "p90_us": at(0.9),
+        "p99_us": at(0.99),
+        "p999_us": at(0.999),
+        "max_us": ordered[-1] * 1e6,
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.faktory: FaktoryServer | None = None
+        self.gateway: GatewayProcess | None = None
+        self.relay: Process | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="fgw-bench-"))
+        self.results: list[dict] = []
+        self.notes: list[str] = []
+        self.profile_result: dict | None = None
+        self.fill_rate = 30000.0  # jobs/s guess for sizing the FETCH queue; updated by measurement
+
+    # --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        log("starting Faktory")
+        self.faktory = FaktoryServer().start()
+        self.faktory_pids = [self.faktory.proc.pid, *children_of(self.faktory.proc.pid)]
+        log(f"Faktory pid {self.faktory_pids[0]} (+ its Redis {self.faktory_pids[1:]}); starting the gateway")
+        self.gateway = GatewayProcess(self.faktory.url, *self.args.gateway_flag).start()
+        log(f"gateway pid {self.gateway.proc.pid} on {self.gateway.url}")
+        if not self.args.no_relay:
+            port = free_port()
+            self.relay = Process([sys.executable, str(REPO / "bench" / "relay.py"), str(port), "127.0.0.1",
+                                  str(self.faktory.port)])  # fmt: skip
+            self.relay.start()
+            self.relay.wait_for_line("relay listening")
+            self.relay.url = f"tcp://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for process in (self.relay, self.gateway, self.faktory):
+            if process is not None:
+                try:
+                    process.stop()
+                except Exception as exc:  # noqa: BLE001
+                    log(f"stopping {process.argv[0]}: {exc}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def watch(self, gateway: GatewayProcess | None = None, upstream_pids: list[int] | None = None) -> dict:
+        gateway = gateway or self.gateway
+        watch = {"gateway": [gateway.proc.pid], "faktory": upstream_pids or self.faktory_pids}
+        if self.relay is not None:
+            watch["relay"] = [self.relay.proc.pid]
+        return watch
+
+    def flush(self) -> None:
+        with RawClient.connect(self.faktory.url) as client:
+            assert client.call("FLUSH") == b"+OK\r\n"
+
+    def fill(self, queue: str, jobs: int, payload: int) -> None:
+        pad = "x" * payload
+        with RawClient.connect(self.faktory.url) as client:
+            for start in range(0, jobs, 1000):
+                batch = [
+                    {"jid": f"fill-{n}", "jobtype": "bench", "queue": queue, "args": [n, pad]}
+                    for n in range(start, min(jobs, start + 1000))
+                ]
+                reply = client.call("PUSHB " + json.dumps(batch, separators=(",", ":")))
+                if reply.startswith(b"-"):
+                    raise RuntimeError(f"PUSHB failed: {reply!r}")
+
+    # --------------------------------------------------------------------------------------------
+    def throughput(
+        self,
+        name: str,
+        mode: str,
+        conns: int,
+        targets: dict[str, str],
+        watch: dict,
+        prepare=None,
+        redis_url: str | None = None,
+        extra: dict | None = None,
+    ) -> dict:
+        """ABBA rounds over `targets` ({label: url}); totals per label."""
+        args = self.args
+        labels = list(targets)
+        per: dict[str, dict] = {
+            label: {"rounds": [], "lat": array("d"), "commands": 0, "jobs": 0, "wall_s": 0.0, "errors": 0,
+                    "first_error": None, "dry_fetches": 0, "cpu": Counter(), "loadgen_cpu_s": 0.0,
+                    "machine_busy": [], "redis_calls": Counter()}
+            for label in labels
+        }  # fmt: skip
+        for r in range(args.rounds):
+            order = labels if r % 2 == 0 else labels[::-1]
+            for label in order:
+                if prepare:
+                    prepare()
+                lat_file = self.tmp / f"{name}-{label}-{r}.lat"
+                spec = {
+                    "mode": mode, "url": targets[label], "conns": conns, "warmup": args.warmup,
+                    "duration": args.duration, "payload": args.payload, "watch": watch, "lat_file": str(lat_file),
+                    "wid": f"bench-{mode}" if mode == "fetchack" else None, "queue": "bench",
+                    **(extra or {}),
+                }  # fmt: skip
+                if redis_url and label != "direct":
+                    spec["watch_redis"] = redis_url
+                out = loadgen(spec)
+                acc = per[label]
+                acc["rounds"].append({k: out[k] for k in ("ops_per_s", "commands", "wall_s", "errors")})
+                acc["commands"] += out["commands"]
+                acc["jobs"] += out["jobs"]
+                acc["wall_s"] += out["wall_s"]
+                acc["errors"] += out["errors"]
+                acc["dry_fetches"] += out["dry_fetches"]
+                acc["first_error"] = acc["first_error"] or out["first_error"]
+                acc["cpu"].update(out["proc_cpu_s"])
+                acc["loadgen_cpu_s"] += out["loadgen_cpu_s"]
+                acc["machine_busy"].append(out["machine_busy_cores"])
+                acc["redis_calls"].update(out.get("redis_calls") or {})
+                if lat_file.exists():
+                    with open(lat_file, "rb") as f:
+                        acc["lat"].frombytes(f.read())
+                    lat_file.unlink()
+                log(f"  {name} {label:8} round {r + 1}: {out['ops_per_s']:9.0f} ops/s"
+                    f"{'  errors ' + str(out['errors']) if out['errors'] else ''}")  # fmt: skip
+        result = {"scenario": name, "mode": mode, "conns": conns}
+        for label in labels:
+            acc = per[label]
+            wall = acc["wall_s"]
+            cmds = max(acc["commands"], 1)
+            proxy = "relay" if label == "relay" else "gateway"  # the process in the path
+            result[label] = {
+                "ops_per_s": acc["jobs"] / wall,
+                "commands_per_s": acc["commands"] / wall,
+                "commands": acc["commands"],
+                "rounds_ops_per_s": [round(x["ops_per_s"]) for x in acc["rounds"]],
+                "latency": percentiles(acc["lat"]),
+                "errors": acc["errors"],
+                "first_error": acc["first_error"],
+                "dry_fetches": acc["dry_fetches"],
+                "gateway_cpu_us_per_cmd": acc["cpu"][proxy] / cmds * 1e6,
+                "gateway_cores": acc["cpu"][proxy] / wall,
+                "faktory_cpu_us_per_cmd": acc["cpu"]["faktory"] / cmds * 1e6,
+                "faktory_cores": acc["cpu"]["faktory"] / wall,
+                "loadgen_cpu_us_per_cmd": acc["loadgen_cpu_s"] / cmds * 1e6,
+                "loadgen_cores": acc["loadgen_cpu_s"] / wall,
+                "machine_busy_cores": sum(acc["machine_busy"]) / len(acc["machine_busy"]),
+            }
+            if redis_url and label != "direct":
+                calls = dict(acc["redis_calls"])
+                result[label]["redis_calls"] = calls
+                result[label]["redis_calls_per_cmd"] = sum(calls.values()) / cmds
+                result[label]["redis_calls_per_cmd_by_command"] = {
+                    k: round(v / cmds, 3) for k, v in calls.items()
+                }
+                result[label]["ledger_redis_cpu_us_per_cmd"] = acc["cpu"]["ledger"] / cmds * 1e6
+                result[label]["ledger_redis_cores"] = acc["cpu"]["ledger"] / wall
+        return result
+
+    # --------------------------------------------------------------------------------------------
+    def run_push(self, conns: int) -> dict:
+        name = f"push{conns}"
+        log(f"{name}: PUSH, {conns} producer(s), one command in flight each")
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
+        if self.relay is not None and conns > 1:
+            targets["relay"] = self.relay.url
+        return self.throughput(name, "push", conns, targets, self.watch(), prepare=self.flush)
+
+    def run_push_pinned(self, conns: int) -> dict:
+        """PUSH with the gateway alone on CPU 1 and everything else on CPU 0, as if it had its own core."""
+        name = f"push{conns}-pinned"
+        cpus = os.sched_getaffinity(0)
+        if len(cpus) < 2:
+            return {"scenario": name, "skipped": "needs 2 CPUs"}
+        first, second = sorted(cpus)[:2]
+        log(f"{name}: PUSH, {conns} producers; Faktory, its Redis and the load generator on CPU {first}, "
+            f"the gateway alone on CPU {second}")  # fmt: skip
+        others = self.faktory_pids
+        try:
+            set_affinity(others, {first})
+            set_affinity([self.gateway.proc.pid], {second})
+            targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
+            return self.throughput(name, "push", conns, targets, self.watch(), prepare=self.flush,
+                                   extra={"cpus": [first]})  # fmt: skip
+        finally:
+            set_affinity([*others, self.gateway.proc.pid], cpus)
+
+    def run_fetch(self, conns: int) -> dict:
+        name = f"fetch{conns}"
+        log(f"{name}: FETCH+ACK, {conns} workers (one job = 2 commands)")
+        args = self.args
+
+        def prepare() -> None:
+            self.flush()
+            jobs = int(max(20000, self.fill_rate * (args.duration + args.warmup) * 1.5))
+            self.fill("bench", jobs, args.payload)
+
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
+        # Size the queue from a quick direct probe so it cannot run dry.
+        probe = dict(self.args.__dict__)
+        self.flush()
+        self.fill("bench", 20000, args.payload)
+        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.3, "duration": 0.5,
+                       "payload": args.payload, "wid": "bench-probe", "queue": "bench"})  # fmt: skip
+        self.fill_rate = max(out["ops_per_s"], 1000.0)
+        del probe
+        return self.throughput(name, "fetchack", conns, targets, self.watch(), prepare=prepare)
+
+    def run_latency(self, command: str) -> dict:
+        name = f"lat-{command}"
+        log(f"{name}: {command.upper()} latency, one connection per target, serial, alternating blocks")
+        args = self.args
+        self.flush()
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
+        if self.relay is not None:
+            targets["relay"] = self.relay.url
+        # The targets share the window, so each gets about half of it: give it twice the time.
+        out = loadgen({"mode": "latency", "command": command, "targets": targets, "warmup": args.warmup,
+                       "duration": args.duration * len(targets), "payload": args.payload, "block": 100,
+                       "watch": self.watch(), "queue": "bench"})  # fmt: skip
+        result = {"scenario": name, "mode": "latency", "conns": 1}
+        wall = out["wall_s"]
+        total = sum(out["commands"].values())
+        for label in targets:
+            lat = out["latency"][label]
+            result[label] = {
+                "ops_per_s": 1e6 / lat["mean_us"] if lat else 0.0,
+                "commands": out["commands"][label],
+                "latency": lat,
+                "errors": out["errors"][label],
+                "loadgen_cores": out["loadgen_cpu_s"] / wall,
+                "machine_busy_cores": out["machine_busy_cores"],
+                "faktory_cpu_us_per_cmd": out["proc_cpu_s"]["faktory"] / max(total, 1) * 1e6,
+            }
+        for label in targets:
+            if label != "direct":
+                proxy_cpu = out["proc_cpu_s"][label]
+                result[label]["gateway_cpu_us_per_cmd"] = proxy_cpu / max(out["commands"][label], 1) * 1e6
+                result[label]["gateway_cores"] = proxy_cpu / wall
+        d, g = result["direct"]["latency"], result["gateway"]["latency"]
+        result["added_us"] = {q: g[q] - d[q] for q in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us")}
+        log(f"  {name}: direct p50 {d['p50_us']:.0f} µs p99 {d['p99_us']:.0f} µs; "
+            f"gateway p50 {g['p50_us']:.0f} µs p99 {g['p99_us']:.0f} µs")  # fmt: skip
+        return result
+
+    def run_idle(self) -> dict:
+        n = self.args.idle_conns
+        log(f"idle: gateway RSS before/after {n} idle connections that completed HELLO (fresh gateway)")
+        gateway = GatewayProcess(self.faktory.url, *self.args.gateway_flag).start()
+        try:
+            pid = gateway.proc.pid
+            fpid = self.faktory_pids[0]
+            # Warm up: the first connections allocate the lazily created parts (metrics children, ...).
+            self.idle_round(gateway, 50)
+            time.sleep(0.3)
+            before = rss_kib(pid)
+            faktory_before = rss_kib(fpid)
+            held, elapsed = self.idle_round(gateway, n, hold=True)
+            after = rss_kib(pid)
+            faktory_after = rss_kib(fpid)
+            _, metrics = gateway.http("/metrics")
+            active = re.search(r"^faktory_gateway_connections_active (\S+)", metrics, re.MULTILINE)
+            held.stdin.write("close\n")
+            held.stdin.flush()
+            held.wait(30)
+            time.sleep(0.5)
+            after_close = rss_kib(pid)
+        finally:
+            gateway.stop()
+        per_conn = (after - before) / n
+        log(f"  idle: {before} KiB -> {after} KiB with {n} connections: {per_conn:.1f} KiB each; "
+            f"{after_close} KiB after closing them")  # fmt: skip
+        return {
+            "scenario": "idle", "conns": n, "rss_before_kib": before, "rss_after_kib": after,
+            "rss_after_close_kib": after_close, "kib_per_conn": per_conn, "open_seconds": elapsed,
+            "gateway_connections_active": float(active.group(1)) if active else None,
+            "faktory_kib_per_conn": (faktory_after - faktory_before) / n,
+        }  # fmt: skip
+
+    def idle_round(self, gateway: GatewayProcess, n: int, hold: bool = False):
+        spec = {"mode": "idle", "url": gateway.url, "conns": n, "wid": "bench-idle"}
+        proc = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            proc.kill()
+            raise RuntimeError(f"idle loadgen: {line!r} {proc.stdout.read()}")
+        _, count, elapsed = line.split()
+        if int(count) != n:
+            raise RuntimeError(f"only {count} of {n} idle connections opened")
+        time.sleep(1.0)  # let the gateway settle (dial tasks done, buffers at rest)
+        if hold:
+            return proc, float(elapsed)
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+        proc.wait(30)
+        return None
+
+    # --------------------------------------------------------------------------------------------
+    def run_batch(self) -> dict:
+        """Issue 3: batch PUSHes through the gateway with a Redis ledger, in front of the Ent stand-in."""
+        log("batch: PUSH into open batches, 16 producers, direct to the Ent stand-in vs gateway --redis")
+        redis = standin = gateway = None
+        try:
+            redis = RedisServer().start()
+            standin = StandinProcess(self.faktory.url).start()
+            standin_pids = [standin.proc.pid, *self.faktory_pids]
+            gateway = GatewayProcess(standin.url, "--redis", redis.url, *self.args.gateway_flag).start()
+            targets = {"direct": standin.url, "gateway": gateway.url}
+            watch = {**self.watch(gateway, standin_pids), "ledger": [redis.proc.pid]}
+            conns = 16
+            batch = self.throughput("batch16", "batchpush", conns, targets, watch, prepare=self.flush,
+                                    redis_url=redis.url)  # fmt: skip
+            plain = self.throughput("push16-ledger", "push", conns, targets, watch, prepare=self.flush,
+                                    redis_url=redis.url)  # fmt: skip
+            if self.args.profile == "batch":
+                self.profile_result = self.profile("batch", gateway)
+        finally:
+            for process in (gateway, standin, redis):
+                if process is not None:
+                    process.stop()
+        return {"scenario": "batch", "batch": batch, "plain": plain}
+
+    # --------------------------------------------------------------------------------------------
+    def profile(self, scenario: str, gateway: GatewayProcess | None = None) -> dict:
+        """Profile the gateway while the scenario's gateway load runs (not part of the measurements).
+
+        py-spy gives the Python stacks; `perf` (when present) then splits the process's CPU time
+        between the kernel (socket calls), the interpreter and uvloop.
+        """
+        py_spy = shutil.which("py-spy")
+        if not py_spy:
+            return {"skipped": "py-spy not installed (pip install py-spy)"}
+        gateway = gateway or self.gateway
+        modes = {"push1": ("push", 1), "push16": ("push", 16), "fetch16": ("fetchack", 16),
+                 "batch": ("batchpush", 16)}  # fmt: skip
+        mode, conns = modes.get(scenario, ("push", 16))
+        RESULTS.mkdir(exist_ok=True)
+        raw = RESULTS / f"profile-{scenario}.txt"
+        seconds = max(1, round(self.args.profile_seconds))
+        perf_seconds = max(2, seconds // 2)
+        perf = shutil.which("perf")
+        self.flush()
+        if mode == "fetchack":
+            self.fill("bench", int(self.fill_rate * (seconds + perf_seconds + 3) * 1.5), self.args.payload)
+        log(f"profile: py-spy on the gateway under {scenario} for {seconds} s" + (
+            f", then perf for {perf_seconds} s" if perf else ""))  # fmt: skip
+        spec = {"mode": mode, "url": gateway.url, "conns": conns, "warmup": 0.5,
+                "duration": seconds + (perf_seconds + 1 if perf else 0) + 1.5, "payload": self.args.payload,
+                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None}  # fmt: skip
+        gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.8)
+        pid = str(gateway.proc.pid)
+        common = ["--pid", pid, "--duration", str(seconds), "--rate", "250", "--nonblocking"]
+        if raw.exists():
+            raw.unlink()
+        spy = subprocess.run([py_spy, "record", *common, "--format", "raw", "-o", str(raw)], check=False,
+                             capture_output=True, text=True)  # fmt: skip
+        split = None
+        if perf:
+            split = perf_split(perf, pid, perf_seconds, self.tmp / "perf.data")
+        gen.wait(90)
+        gen.stdout.read()
+        if not raw.exists():
+            return {"skipped": f"py-spy produced nothing: {spy.stderr.strip()[-500:]}"}
+        stacks = Counter()
+        with open(raw) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                if stack:
+                    stacks[stack] += int(count)
+        total = sum(stacks.values())
+        self_time, inclusive = Counter(), Counter()
+        for stack, count in stacks.items():
+            frames = stack.split(";")
+            self_time[frames[-1]] += count
+            for frame in set(frames):
+                inclusive[frame] += count
+        top_self = [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(25)]
+        top_incl = [(frame, round(100 * c / total, 1)) for frame, c in inclusive.most_common(40)]
+        return {"scenario": scenario, "samples": total, "raw": str(raw.relative_to(REPO)),
+                "top_self_pct": top_self, "top_inclusive_pct": top_incl, "perf": split}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt(value, spec: str = ".0f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def lat_pair(side: dict | None) -> str:
+    lat = side and side.get("latency")
+    return f"{lat['p50_us']:.0f}/{lat['p99_us']:.0f}" if lat else "-"
+
+
+def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
+    """(what, target, measured, passed) for each target of the brief."""
+    out = []
+    by = {r["scenario"]: r for r in results}
+    if "push16" in by:
+        ratio = by["push16"]["ratio"]
+        out.append(
+            ("PUSH x16 throughput", ">= 0.90x direct", f"{ratio:.2f}x", ratio >= TARGETS["push16_ratio"])
+        )
+    for name in ("lat-push", "lat-beat"):
+        if name in by:
+            added = by[name]["added_us"]
+            out.append((f"{name} added p50", "<= 100 µs", f"{added['p50_us']:.0f} µs",
+                        added["p50_us"] <= TARGETS["added_p50_us"]))  # fmt: skip
+            out.append((f"{name} added p99", "<= 1000 µs", f"{added['p99_us']:.0f} µs",
+                        added["p99_us"] <= TARGETS["added_p99_us"]))  # fmt: skip
+    if "idle" in by:
+        kib = by["idle"]["kib_per_conn"]
+        out.append(
+            ("memory per idle connection", "<= 50 KiB", f"{kib:.1f} KiB", kib <= TARGETS["idle_kib_per_conn"])
+        )
+    if "batch" in by:
+        b = by["batch"]
+        if b.get("skipped"):
+            out.append(("batch PUSH x16 throughput", ">= 0.70x direct", "skipped", None))
+        else:
+            ratio = b["batch"]["ratio"]
+            out.append(("batch PUSH x16 throughput", ">= 0.70x direct", f"{ratio:.2f}x",
+                        ratio >= TARGETS["batch_ratio"]))  # fmt: skip
+            plain = b["plain"]["gateway"].get("redis_calls_per_cmd")
+            out.append(("non-batch PUSH Redis calls", "0 per PUSH", f"{plain:.3f}", plain == 0))
+    return out
+
+
+def relay_added(r: dict) -> dict | None:
+    if r.get("conns") != 1 or not r["direct"].get("latency") or not r["relay"].get("latency"):
+        return None
+    return {q: r["relay"]["latency"][q] - r["direct"]["latency"][q] for q in ("p50_us", "p99_us")}
+
+
+def spread(side: dict) -> str:
+    rounds = side.get("rounds_ops_per_s") or []
+    if len(rounds) < 2:
+        return ""
+    mean = sum(rounds) / len(rounds)
+    return f"±{50 * (max(rounds) - min(rounds)) / mean:.0f}%" if mean else ""
+
+
+def report(results: list[dict], meta: dict) -> str:
+    lines = []
+    header = (f"{'scenario':14} {'direct ops/s':>16} {'gateway ops/s':>16} {'ratio':>6} "
+              f"{'direct p50/p99 µs':>17} {'gw p50/p99 µs':>14} {'added p50/p99 µs':>16} {'gw CPU µs/cmd':>13}")  # fmt: skip
+    lines.append(header)
+    lines.append("-" * len(header))
+    rows = []
+    for r in results:
+        if r["scenario"] == "idle" or r.get("skipped"):
+            continue
+        if r["scenario"] == "batch":
+            rows += [r["batch"], r["plain"]]
+        else:
+            rows.append(r)
+            if "relay" in r:  # the bare relay, shown as its own row against the same direct rounds
+                rows.append({"scenario": f"{r['scenario']}-relay", "direct": r["direct"], "gateway": r["relay"],
+                             "ratio": r["relay_ratio"], "is_relay": True, "conns": r.get("conns"),
+                             "added_us": relay_added(r)})  # fmt: skip
+    for r in rows:
+        d, g = r["direct"], r["gateway"]
+        added = r.get("added_us")
+        # Under 16 producers the two sides run at different rates, so their latency difference is
+        # not the gateway's added latency: shown for the one-connection rows only.
+        if added is None and r.get("conns") == 1 and d.get("latency") and g.get("latency"):
+            added = {q: g["latency"][q] - d["latency"][q] for q in ("p50_us", "p99_us")}
+        added_s = f"{added['p50_us']:.0f}/{added['p99_us']:.0f}" if added else "-"
+        lines.append(
+            f"{r['scenario']:14} {d['ops_per_s']:10.0f} {spread(d):>5} {g['ops_per_s']:10.0f} {spread(g):>5} "
+            f"{r['ratio']:6.2f} "
+            f"{lat_pair(d):>17} {lat_pair(g):>14} {added_s:>16} {fmt(g.get('gateway_cpu_us_per_cmd'), '.1f'):>13}"
+        )
+    for r in results:
+        if r["scenario"] == "idle":
+            lines.append(f"{'idle':14} {r['conns']} connections after HELLO: gateway RSS {r['rss_before_kib']} -> "
+                         f"{r['rss_after_kib']} KiB = {r['kib_per_conn']:.1f} KiB per connection "
+                         f"(Faktory itself: {r['faktory_kib_per_conn']:.1f} KiB)")  # fmt: skip
+        if r.get("skipped"):
+            lines.append(f"{r['scenario']:14} SKIPPED: {r['skipped']}")
+    lines.append("")
+    lines.append("CPU in the measurement windows (cores busy: 1.00 = one core; the machine has "
+                 f"{meta['cpus']}); per command in µs")  # fmt: skip
+    header2 = (f"{'scenario':14} {'target':8} {'loadgen':>12} {'gateway':>12} {'faktory+redis':>14} "
+               f"{'machine busy':>12} {'errors':>6}")  # fmt: skip
+    lines.append(header2)
+    lines.append("-" * len(header2))
+    for r in rows:
+        for label in ("direct", "gateway"):
+            if label == "direct" and r.get("is_relay"):
+                continue
+            s = r[label]
+            lg = f"{fmt(s.get('loadgen_cores'), '.2f')}c" + (
+                f" {s['loadgen_cpu_us_per_cmd']:.0f}µs" if "loadgen_cpu_us_per_cmd" in s else ""
+            )
+            label = "relay" if r.get("is_relay") else label
+            gw = (f"{fmt(s.get('gateway_cores'), '.2f')}c {s['gateway_cpu_us_per_cmd']:.0f}µs"
+                  if label != "direct" and "gateway_cores" in s else "-")  # fmt: skip
+            fk = (f"{fmt(s.get('faktory_cores'), '.2f')}c " if "faktory_cores" in s else "") + (
+                f"{s['faktory_cpu_us_per_cmd']:.0f}µs"
+            )
+            lines.append(f"{r['scenario']:14} {label:8} {lg:>12} {gw:>12} {fk:>14} "
+                         f"{fmt(s.get('machine_busy_cores'), '.2f'):>12} {s.get('errors', 0):>6}")  # fmt: skip
+    lines.append("")
+    lines.append("Targets")
+    for what, target, measured, passed in verdicts(results):
+        mark = "n/a " if passed is None else ("PASS" if passed else "MISS")
+        lines.append(f"  {mark}  {what:30} target {target:16} measured {measured}")
+    for r in results:
+        for side in ("direct", "gateway"):
+            s = r.get(side) or {}
+            if s.get("first_error"):
+                lines.append(
+                    f"  note: {r['scenario']} {side}: {s['errors']} errors, first: {s['first_error']}"
+                )
+            if s.get("dry_fetches"):
+                lines.append(
+                    f"  note: {r['scenario']} {side}: {s['dry_fetches']} FETCHes found the queue empty"
+                )
+    for r in rows:
+        g = r["gateway"]
+        if "redis_calls_per_cmd" in g:
+            by = (
+                ", ".join(f"{k} {v}" for k, v in sorted(g["redis_calls_per_cmd_by_command"].items()))
+                or "none"
+            )
+            lines.append(f"  ledger Redis, {r['scenario']} through the gateway: {g['redis_calls_per_cmd']:.2f} calls "
+                         f"per command ({by}; commands run inside Lua scripts count too), "
+                         f"Redis CPU {g['ledger_redis_cpu_us_per_cmd']:.0f} µs per command")  # fmt: skip
+    for note in meta.get("notes", []):
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=3.0, help="seconds per measurement window (default 3)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of load before each window (default 1)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="windows per target per throughput scenario, ABBA order (default 2)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--payload", type=int, default=100, help="bytes of padding in each job's args (default 100)"
+    )
+    parser.add_argument(
+        "--idle-conns", type=int, default=1000, help="idle connections for the memory scenario"
+    )
+    parser.add_argument(
+        "--gateway-flag",
+        action="append",
+        default=[],
+        help="extra flag for the gateway (repeatable), e.g. --gateway-flag=--log-level=warning",
+    )
+    parser.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="skip the bare uvloop relay (bench/relay.py) measured alongside push16",
+    )
+    parser.add_argument("--profile", default="", help="after measuring, py-spy the gateway under this scenario "
+                        "(push1, push16, fetch16, batch) and print where its time goes")  # fmt: skip
+    parser.add_argument("--profile-seconds", type=float, default=8.0)
+    parser.add_argument("--json", default=str(RESULTS / "latest.json"), help="where to write the results")
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = args.idle_conns * 2 + 1000
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+
+    bench = Bench(args)
+    started = time.monotonic()
+    profile = None
+    try:
+        bench.start()
+        # A short warm-up of both paths before anything is measured.
+        loadgen(
+            {
+                "mode": "push",
+                "url": bench.faktory.url,
+                "conns": 4,
+                "warmup": 0,
+                "duration": 0.7,
+                "payload": 10,
+            }
+        )
+        loadgen(
+            {
+                "mode": "push",
+                "url": bench.gateway.url,
+                "conns": 4,
+                "warmup": 0,
+                "duration": 0.7,
+                "payload": 10,
+            }
+        )
+        for scenario in chosen:
+            if scenario == "push1":
+                result = bench.run_push(1)
+            elif scenario == "push16":
+                result = bench.run_push(16)
+            elif scenario == "push16-pinned":
+                result = bench.run_push_pinned(16)
+            elif scenario == "fetch16":
+                result = bench.run_fetch(16)
+            elif scenario in ("lat-push", "lat-beat"):
+                result = bench.run_latency(scenario.split("-")[1])
+            elif scenario == "idle":
+                result = bench.run_idle()
+            else:
+                result = bench.run_batch()
+            for r in [result, result.get("batch"), result.get("plain")]:
+                if r and "direct" in r and "gateway" in r:
+                    r["ratio"] = (
+                        r["gateway"]["ops_per_s"] / r["direct"]["ops_per_s"]
+                        if r["direct"]["ops_per_s"]
+                        else 0
+                    )
+                if r and "relay" in r:
+                    r["relay_ratio"] = (
+                        r["relay"]["ops_per_s"] / r["direct"]["ops_per_s"] if r["direct"]["ops_per_s"] else 0
+                    )
+            bench.results.append(result)
+        if args.profile == "batch":
+            profile = bench.profile_result or {"skipped": "the batch scenario did not run"}
+        elif args.profile:
+            profile = bench.profile(args.profile)
+    finally:
+        bench.stop()
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.monotonic() - started, 1),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "args": {k: v for k, v in vars(args).items()},
+        "notes": bench.notes,
+    }
+    text = report(bench.results, meta)
+    print(text)
+    if profile:
+        print()
+        print(f"Gateway profile under {profile.get('scenario', args.profile)} "
+              f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})")  # fmt: skip
+        for frame, pct in profile.get("top_self_pct", [])[:20]:
+            print(f"  self {pct:5.1f}%  {frame}")
+        for frame, pct in profile.get("top_inclusive_pct", [])[:30]:
+            print(f"  incl {pct:5.1f}%  {frame}")
+        split = profile.get("perf") or {}
+        if split.get("by_object_pct"):
+            print(
+                "  perf, the gateway's CPU by object: "
+                + ", ".join(f"{o} {p:.1f}%" for o, p in split["by_object_pct"])
+            )
+            for sym, pct in split["by_symbol_pct"][:15]:
+                print(f"  perf {pct:5.1f}%  {sym}")
+        elif split.get("error"):
+            print(f"  perf failed: {split['error']}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    targets = [{"what": w, "target": t, "measured": m, "passed": p} for w, t, m, p in verdicts(bench.results)]
+    out.write_text(json.dumps({"meta": meta, "results": bench.results, "targets": targets, "profile": profile,
+                               "table": text}, indent=2) + "\n")  # fmt: skip
+    print(f"\nwritten to {out} in {meta['seconds']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
