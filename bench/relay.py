@@ -35,7 +35,7 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         transport.pause_reading()
-        asyncio.ensure_future(self.dial())
+        self.dialing = asyncio.ensure_future(self.dial())
 
     async def dial(self) -> None:
         self.upstream, _ = await asyncio.get_running_loop().create_connection(

@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.client import RawClient
-from tests.support.ent_standin import StandinProcess
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port
+from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
+from tests.support.ent_standin import StandinProcess  # noqa: E402
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
 RESULTS = REPO / "bench" / "results"
@@ -175,7 +175,7 @@ class Bench:
             if process is not None:
                 try:
                     process.stop()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log(f"stopping {process.argv[0]}: {exc}")
         shutil.rmtree(self.tmp, ignore_errors=True)
 

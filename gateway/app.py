@@ -93,7 +93,9 @@ class Gateway:
     async def _drain(self) -> int:
         shutdown = self.config.shutdown
         started = time.monotonic()
-        log.info("shutting down", extra={"reason": self._shutdown_reason, "connections": len(self.server.sessions)})
+        log.info(
+            "shutting down", extra={"reason": self._shutdown_reason, "connections": len(self.server.sessions)}
+        )
         self.server.begin_drain()
         await asyncio.sleep(shutdown.min_delay)
         clean = await self.server.drain(started + shutdown.max_delay)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -148,7 +148,9 @@ def parse_upstream(value: Any) -> UpstreamURL:
         raise ValueError("scheme must be tcp:// or tcp+tls://")
     if not parts.hostname:
         raise ValueError("no host, expected tcp://HOST:PORT")
-    return UpstreamURL(parts.scheme == "tcp+tls", parts.hostname, port or DEFAULT_FAKTORY_PORT, bool(parts.password))
+    return UpstreamURL(
+        parts.scheme == "tcp+tls", parts.hostname, port or DEFAULT_FAKTORY_PORT, bool(parts.password)
+    )
 
 
 def parse_redis_url(value: Any) -> str:
@@ -167,13 +169,17 @@ def redact_url(url: str) -> str:
 # The settings. `flag` names the command-line flag where one exists; `secret` values are redacted.
 
 
-def setting(default: Any, parse: Callable[[Any], Any], help: str, flag: str | None = None, secret: bool = False):
+def setting(
+    default: Any, parse: Callable[[Any], Any], help: str, flag: str | None = None, secret: bool = False
+):
     return field(default=default, metadata={"parse": parse, "help": help, "flag": flag, "secret": secret})
 
 
 @dataclass(frozen=True)
 class UpstreamTLS:
-    ca_file: str = setting("", parse_text, "CA bundle to verify the upstream's certificate (default: system CAs)")
+    ca_file: str = setting(
+        "", parse_text, "CA bundle to verify the upstream's certificate (default: system CAs)"
+    )
     verify: bool = setting(True, parse_bool, "verify the upstream's certificate and host name")
 
 
@@ -195,7 +201,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class HTTP:
-    listen: Address = setting(Address("0.0.0.0", 9419), parse_address, "metrics and health address", "--http-listen")
+    listen: Address = setting(
+        Address("0.0.0.0", 9419), parse_address, "metrics and health address", "--http-listen"
+    )
     quitquitquit: bool = setting(False, parse_bool, "serve POST /quitquitquit to loopback clients")
 
 
@@ -209,16 +217,24 @@ class Shutdown:
 @dataclass(frozen=True)
 class Log:
     format: str = setting("json", one_of("json", "text"), "log line format", "--log-format")
-    level: str = setting("info", one_of("debug", "info", "warning", "error"), "lowest level logged", "--log-level")
+    level: str = setting(
+        "info", one_of("debug", "info", "warning", "error"), "lowest level logged", "--log-level"
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    listen: Address = setting(Address("127.0.0.1", 7419), parse_address, "address clients connect to", "--listen")
-    upstream: UpstreamURL | None = setting(None, parse_upstream, "Faktory server URL", "--upstream", secret=True)
+    listen: Address = setting(
+        Address("127.0.0.1", 7419), parse_address, "address clients connect to", "--listen"
+    )
+    upstream: UpstreamURL | None = setting(
+        None, parse_upstream, "Faktory server URL", "--upstream", secret=True
+    )
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     tls: ClientTLS = field(default_factory=ClientTLS)
-    redis: str = setting("", parse_redis_url, "Redis URL for the shared ledger (empty: in-process)", "--redis", True)
+    redis: str = setting(
+        "", parse_redis_url, "Redis URL for the shared ledger (empty: in-process)", "--redis", True
+    )
     redis_key_prefix: str = setting("fgw:", parse_text, "prefix of every Redis key the gateway writes")
     mode: str = setting("strict", one_of("strict", "member-reopen", "shadow"), "enforcement mode", "--mode")
     unknown_batch: str = setting("verify", one_of("verify", "allow", "reject"), "batches with no record")

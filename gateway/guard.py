@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .policy import MEMBER_REOPEN, SHADOW, Malformed, Refusal
 from .protocol import DOLLAR, Command, Reply, bulk_reply
 from .session import Forward, Respond
-from .store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, BatchStore, StoreError
+from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchStore, StoreError
 
 if TYPE_CHECKING:
     from .session import Session
@@ -71,7 +71,9 @@ class BatchGuard:
             self._finished(command, session.wid)
         elif verb == b"QUEUE" and not command.args.strip():
             # Faktory 1.9.4 panics on a bare QUEUE and the whole server goes down with it.
-            return self._malformed(command, session, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)")
+            return self._malformed(
+                command, session, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
+            )
         return None
 
     # ------------------------------------------------------------------------------------------
@@ -194,7 +196,9 @@ class BatchGuard:
 
     def _store_down(self, bid: str, command: Command, session: Session):
         if self.config.on_store_error == "allow":
-            log.warning("store unavailable; allowed by on_store_error", extra={"bid": bid, "peer": session.peer})
+            log.warning(
+                "store unavailable; allowed by on_store_error", extra={"bid": bid, "peer": session.peer}
+            )
             return Forward(command.raw)
         return self._refuse(policy.refusal_store_down(bid), command, session, bid)
 
@@ -222,10 +226,13 @@ class BatchGuard:
                     continue
                 verdicts[bid] = (None, policy.refusal_store_down(bid))
                 continue
-            verdicts[bid] = (token, None if state == OPEN else self._unknown_or_sealed(bid, state, nest=False))
+            verdicts[bid] = (
+                token,
+                None if state == OPEN else self._unknown_or_sealed(bid, state, nest=False),
+            )
         refused = {}
         kept = []
-        for job, bid in zip(jobs, bids):
+        for job, bid in zip(jobs, bids, strict=True):
             refusal = verdicts[bid][1] if bid else None
             if refusal is None:
                 kept.append(job)
@@ -400,7 +407,11 @@ class BatchGuard:
         if isinstance(callback_of, str) and policy.BID.fullmatch(callback_of):
             await self._quietly("mark_fired", self.store.mark_fired(callback_of))
         if self.config.mode == MEMBER_REOPEN and session.wid:
-            bids = [b for b in (custom.get("bid"), custom.get("_pbid")) if isinstance(b, str) and policy.BID.fullmatch(b)]
+            bids = [
+                b
+                for b in (custom.get("bid"), custom.get("_pbid"))
+                if isinstance(b, str) and policy.BID.fullmatch(b)
+            ]
             jid = job.get("jid")
             if bids and isinstance(jid, str):
                 ttl = float(job.get("reserve_for") or DEFAULT_RESERVATION)

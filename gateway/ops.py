@@ -13,7 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -97,11 +97,12 @@ class Ops:
         upstream = self.config.upstream
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(upstream.host, upstream.port), self.config.limits.upstream_connect_timeout
+                asyncio.open_connection(upstream.host, upstream.port),
+                self.config.limits.upstream_connect_timeout,
             )
             writer.close()
             self._upstream_ok = True
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self._upstream_ok = False
         self._upstream_checked = time.monotonic()
         return self._upstream_ok

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from .protocol import error_reply
-from .store import COMMITTED, COMMITTING, FIRED, OPEN
+from .store import COMMITTING, FIRED, OPEN
 
 STRICT, MEMBER_REOPEN, SHADOW = "strict", "member-reopen", "shadow"
 
@@ -114,7 +114,9 @@ def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> 
     if state == OPEN:
         return None
     if state == FIRED:
-        return Refusal("BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; it may not be reopened")
+        return Refusal(
+            "BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; it may not be reopened"
+        )
     if state == COMMITTING:
         return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; it may not be reopened now")
     if mode == MEMBER_REOPEN:
@@ -139,7 +141,9 @@ def refusal_unknown(bid: str, policy_name: str) -> Refusal:
 
 
 def refusal_store_down(bid: str) -> Refusal:
-    return Refusal("STATE_UNAVAILABLE", f"the batch store is unavailable; batch {bid} cannot be checked; retry")
+    return Refusal(
+        "STATE_UNAVAILABLE", f"the batch store is unavailable; batch {bid} cannot be checked; retry"
+    )
 
 
 def refusal_fence_timeout(bid: str, seconds: float) -> Refusal:

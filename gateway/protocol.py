@@ -15,6 +15,7 @@ Every frame keeps its exact bytes (`raw`) so the proxy can forward it unchanged.
 from __future__ import annotations
 
 __all__ = [
+    "OK_REPLY",
     "Command",
     "CommandReader",
     "FrameTooLarge",
@@ -23,7 +24,6 @@ __all__ = [
     "ReplyReader",
     "bulk_reply",
     "error_reply",
-    "OK_REPLY",
 ]
 
 
@@ -38,7 +38,7 @@ class FrameTooLarge(ProtocolError):
 class Command:
     """One client line: `verb`, the bytes after the first space (`args`), and the exact line (`raw`)."""
 
-    __slots__ = ("verb", "args", "raw")
+    __slots__ = ("args", "raw", "verb")
 
     def __init__(self, verb: bytes, args: bytes, raw: bytes):
         self.verb = verb

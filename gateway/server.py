@@ -80,7 +80,9 @@ class Server:
         if len(self.sessions) >= self.config.limits.max_connections:
             self.metrics.connections_refused.labels("max_connections").inc()
             limit = self.config.limits.max_connections
-            return _Refuse(error_reply("TOO_MANY_CONNECTIONS", f"the gateway's limit of {limit} connections is reached"))
+            return _Refuse(
+                error_reply("TOO_MANY_CONNECTIONS", f"the gateway's limit of {limit} connections is reached")
+            )
         return Session(self)
 
     def session_opened(self, session: Session) -> None:
@@ -131,9 +133,11 @@ class Server:
         if self.sessions:
             try:
                 await asyncio.wait_for(self._all_closed.wait(), max(left, 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 clean = False
-                log.warning("drain deadline reached; closing connections", extra={"connections": len(self.sessions)})
+                log.warning(
+                    "drain deadline reached; closing connections", extra={"connections": len(self.sessions)}
+                )
                 for session in list(self.sessions):
                     session.close()
         self.state = "stopped"

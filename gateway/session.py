@@ -26,10 +26,20 @@ import json
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .metrics import verb_label
-from .protocol import MINUS, Command, CommandReader, FrameTooLarge, ProtocolError, Reply, ReplyReader, error_reply
+from .protocol import (
+    MINUS,
+    Command,
+    CommandReader,
+    FrameTooLarge,
+    ProtocolError,
+    Reply,
+    ReplyReader,
+    error_reply,
+)
 
 if TYPE_CHECKING:
     from .server import Server
@@ -47,7 +57,7 @@ class Forward:
     because the handler must run (it releases a commit-fence lease).
     """
 
-    __slots__ = ("data", "on_reply", "linger")
+    __slots__ = ("data", "linger", "on_reply")
 
     def __init__(self, data: bytes, on_reply: ReplyHandler | None = None, linger: bool = False):
         self.data = data
@@ -68,7 +78,7 @@ class Respond:
 class _Slot:
     """A client command waiting for its reply."""
 
-    __slots__ = ("verb", "data", "result", "received", "sent", "upstream_time", "handler_pending")
+    __slots__ = ("data", "handler_pending", "received", "result", "sent", "upstream_time", "verb")
 
     def __init__(self, verb: str | None, received: float):
         self.verb = verb
@@ -160,11 +170,15 @@ class Session(asyncio.Protocol):
                 ),
                 server.config.limits.upstream_connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
             self.metrics.upstream_dial_errors.inc()
-            log.warning("upstream dial failed", extra={"peer": self.peer, "upstream": str(upstream), "error": reason})
-            self.fail(error_reply("UPSTREAM_UNAVAILABLE", f"cannot reach the Faktory server {upstream}: {reason}"))
+            log.warning(
+                "upstream dial failed", extra={"peer": self.peer, "upstream": str(upstream), "error": reason}
+            )
+            self.fail(
+                error_reply("UPSTREAM_UNAVAILABLE", f"cannot reach the Faktory server {upstream}: {reason}")
+            )
             return
         if self.closed:
             transport.close()
@@ -239,7 +253,9 @@ class Session(asyncio.Protocol):
                         next_decision = await next_decision
                     self._apply(command, received, next_decision)
         except Exception:
-            log.exception("internal error deciding a command; closing the connection", extra={"peer": self.peer})
+            log.exception(
+                "internal error deciding a command; closing the connection", extra={"peer": self.peer}
+            )
             self.close()
         finally:
             self.backlog = None
@@ -293,7 +309,9 @@ class Session(asyncio.Protocol):
             replies = self.replies.feed(data)
         except ProtocolError as exc:
             self.metrics.protocol_errors.labels("upstream").inc()
-            log.error("upstream sent bytes that are not RESP; closing", extra={"peer": self.peer, "error": str(exc)})
+            log.error(
+                "upstream sent bytes that are not RESP; closing", extra={"peer": self.peer, "error": str(exc)}
+            )
             self.close()
             return
         now = perf_counter()
@@ -328,7 +346,9 @@ class Session(asyncio.Protocol):
         try:
             slot.data = await outcome
         except Exception:
-            log.exception("internal error handling a reply; closing the connection", extra={"peer": self.peer})
+            log.exception(
+                "internal error handling a reply; closing the connection", extra={"peer": self.peer}
+            )
             self.close()
             return
         slot.handler_pending = False

@@ -40,10 +40,14 @@ class MemoryStore:
         self._last_sweep = now
         self._batches = {bid: rec for bid, rec in self._batches.items() if rec[1] > now}
         self._leases = {
-            bid: live for bid, leases in self._leases.items() if (live := {t: e for t, e in leases.items() if e > now})
+            bid: live
+            for bid, leases in self._leases.items()
+            if (live := {t: e for t, e in leases.items() if e > now})
         }
         self._held = {
-            wid: live for wid, jobs in self._held.items() if (live := {j: h for j, h in jobs.items() if h[1] > now})
+            wid: live
+            for wid, jobs in self._held.items()
+            if (live := {j: h for j, h in jobs.items() if h[1] > now})
         }
 
     async def create(self, bid: str, state: str = OPEN) -> None:

@@ -44,7 +44,9 @@ def connect(url: str):
         if not path:
             raise ValueError("redis+sentinel:// needs the service name as its path")
         password = unquote(parts.password) if parts.password else None
-        sentinel = Sentinel([(h, int(p)) for h, p in hosts], sentinel_kwargs={"password": password}, **options)
+        sentinel = Sentinel(
+            [(h, int(p)) for h, p in hosts], sentinel_kwargs={"password": password}, **options
+        )
         return sentinel.master_for(path[0], db=int(path[1]) if len(path) > 1 else 0, password=password)
     if parts.scheme == "redis+cluster":
         return RedisCluster.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
@@ -77,7 +79,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(TIMEOUT):
                 return await awaitable
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 
     async def _move(self, bid: str, allowed: tuple[str, ...], new: str) -> str:

@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
-from tests.support.processes import GatewayProcess
 from tests.support.ent_standin import StandinProcess
+from tests.support.processes import GatewayProcess
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +217,11 @@ def test_an_empty_committed_batch_fires_at_once(strict):
 def test_a_job_inside_the_batch_may_reopen_it_in_member_reopen_mode(member_reopen, standin):
     queue = "mr-" + uid()
     wid = "worker-" + uid()
-    with RawClient.connect(member_reopen.url, wid=wid) as worker, RawClient.connect(
-        member_reopen.url, wid=wid
-    ) as producer, RawClient.connect(member_reopen.url, wid="outsider-" + uid()) as outsider:
+    with (
+        RawClient.connect(member_reopen.url, wid=wid) as worker,
+        RawClient.connect(member_reopen.url, wid=wid) as producer,
+        RawClient.connect(member_reopen.url, wid="outsider-" + uid()) as outsider,
+    ):
         bid = new_batch(producer, queue=queue + "-cb")
         producer.call(member(bid, queue))
         assert producer.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"

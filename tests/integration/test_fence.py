@@ -16,8 +16,8 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
-from tests.support.processes import GatewayProcess, RedisServer
 from tests.support.ent_standin import StandinProcess
+from tests.support.processes import GatewayProcess, RedisServer
 
 ROUNDS = 200
 PUSHERS = 4
@@ -45,7 +45,7 @@ def test_no_job_joins_a_batch_after_its_commit_across_two_gateways(standin, redi
             bids.append(bid)
             start = threading.Barrier(PUSHERS + 1)
 
-            def push(client: RawClient, n: int) -> None:
+            def push(client: RawClient, n: int, bid: str = bid, round_: int = round_, start=start) -> None:
                 nonlocal refused, accepted
                 start.wait()
                 for i in range(3):
@@ -70,7 +70,9 @@ def test_no_job_joins_a_batch_after_its_commit_across_two_gateways(standin, redi
     finally:
         for gateway in gateways:
             gateway.stop()
-    late = {bid: record[bid]["joined_while_committed"] for bid in bids if record[bid]["joined_while_committed"]}
+    late = {
+        bid: record[bid]["joined_while_committed"] for bid in bids if record[bid]["joined_while_committed"]
+    }
     assert late == {}, f"jobs joined after their batch's commit: {late}"
     # The race was real: both outcomes happened many times.
     assert accepted > ROUNDS and refused > ROUNDS / 4, (accepted, refused)
@@ -94,7 +96,9 @@ def test_redis_restart_mid_traffic(standin):
     try:
         with RawClient.connect(gateway.url) as client:
             bid = client.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
-            assert client.call(push_line(job("b-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
+            assert (
+                client.call(push_line(job("b-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
+            )
             thread.start()
             time.sleep(0.3)
             redis_server.stop()
@@ -141,7 +145,9 @@ def test_fence_timeout_gives_a_retryable_refusal_and_the_batch_stays_open(standi
             admin.zadd(f"fgw:{{{bid}}}:leases", {"dead-gateway": expires})
             reply = client.call(f"BATCH COMMIT {bid}")
             assert reply.startswith(b"-ERR COMMIT_FENCE_TIMEOUT"), reply
-            assert client.call(push_line(job("j-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
+            assert (
+                client.call(push_line(job("j-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
+            )
             time.sleep(2.1)
             assert client.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
     finally:

@@ -15,7 +15,9 @@ from tests.support.processes import GatewayProcess, free_port
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = "^" + re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    pattern = (
+        "^" + re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    )
     match = re.search(pattern, text, re.MULTILINE)
     assert match, f"{name}{{{labels}}} not exposed"
     return float(match.group(1))
@@ -161,7 +163,9 @@ def test_refusals_are_logged_once_with_the_audit_fields(faktory):
     try:
         with RawClient.connect(gateway.url, wid="audit-wid") as client:
             secret = "personal-data-" + uuid.uuid4().hex[:6]
-            reply = client.call(push_line(job("a-" + uuid.uuid4().hex[:8], args=[secret], custom={"bid": "b-audit"})))
+            reply = client.call(
+                push_line(job("a-" + uuid.uuid4().hex[:8], args=[secret], custom={"bid": "b-audit"}))
+            )
             assert reply.startswith(b"-ERR BATCH_UNKNOWN")
         line = gateway.wait_for_line('"refused"')
     finally:
@@ -171,8 +175,8 @@ def test_refusals_are_logged_once_with_the_audit_fields(faktory):
         "code": "BATCH_UNKNOWN", "verb": "PUSH", "bid": "b-audit", "wid": "audit-wid", "mode": "strict"
     }  # fmt: skip
     assert entry["peer"].startswith("127.0.0.1:")
-    assert [l for l in gateway.output if '"refused"' in l] == [line]
-    assert not any(secret in l for l in gateway.output)
+    assert [out for out in gateway.output if '"refused"' in out] == [line]
+    assert not any(secret in out for out in gateway.output)
 
 
 def test_handshake_timeout_closes_a_silent_client(faktory):
@@ -221,6 +225,7 @@ def test_endless_line_is_refused_and_memory_stays_bounded(faktory):
 def test_many_clients_vanishing_mid_command_leak_nothing(faktory):
     gateway = GatewayProcess(faktory.url).start()
     try:
+
         def fds() -> int:
             import os
 
@@ -229,8 +234,10 @@ def test_many_clients_vanishing_mid_command_leak_nothing(faktory):
         def churn(n: int) -> None:
             for i in range(n):
                 client = RawClient.connect(gateway.url)
-                client.send(b"PUSH {\"jid\":\"half" if i % 2 else b"FETCH nothing-" + str(i).encode() + b"\r\n")
-                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                client.send(b'PUSH {"jid":"half' if i % 2 else b"FETCH nothing-" + str(i).encode() + b"\r\n")
+                client.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 client.close()
 
         churn(50)

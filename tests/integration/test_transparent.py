@@ -25,6 +25,7 @@ VOLATILE = re.compile(
     rb'|total_processed|total_enqueued|total_failures|failed_at|next_at|at)":("[^"]*"|[0-9.]+)'
 )
 
+
 def normalize(reply: bytes) -> bytes:
     """Blank fields that differ between two runs of the same script, then fix the bulk length."""
     if not reply.startswith(b"$") or reply == b"$-1\r\n":
@@ -32,14 +33,18 @@ def normalize(reply: bytes) -> bytes:
     body = reply.split(b"\r\n", 1)[1][:-2]
     if body.startswith(b'{"now"'):  # INFO: background task counters move on their own
         info = json.loads(body)
-        body = json.dumps([info["faktory"]["queues"], info["faktory"]["sets"], info["server"]["description"]]).encode()
+        body = json.dumps(
+            [info["faktory"]["queues"], info["faktory"]["sets"], info["server"]["description"]]
+        ).encode()
     body = VOLATILE.sub(rb'"\1":_', body)
     body = re.sub(rb":\d+\.\d+", b":_", body)  # latencies in seconds
     return b"$%d\r\n%s\r\n" % (len(body), body)
 
+
 def run_script(url: str, lines: list[str], wid: str | None = None) -> list[bytes]:
     with RawClient.connect(url, wid=wid) as client:
         return [normalize(client.call(line)) for line in lines]
+
 
 def differential(faktory, gateway, script, wid=None):
     """The replies to `script`, direct and through the gateway, each on a flushed server."""
@@ -50,13 +55,16 @@ def differential(faktory, gateway, script, wid=None):
         results.append(run_script(url, script(), wid))
     return results
 
+
 def jid() -> str:
     return uuid.uuid4().hex[:16]
+
 
 def test_greeting_and_handshake_are_relayed(faktory, gateway):
     direct, through = RawClient(faktory.url), RawClient(gateway.url)
     assert direct.handshake() == through.handshake() == b"+OK\r\n"
     assert direct.greeting == through.greeting == b'+HI {"v":2}\r\n'
+
 
 def test_core_commands_reply_as_the_server_does(faktory, gateway):
     wid = "w" + uuid.uuid4().hex[:10]
@@ -84,7 +92,6 @@ def test_core_commands_reply_as_the_server_does(faktory, gateway):
             "push lower-case",
             "BATCH NEW {}",
             "TRACK GET x",
-
             "PUSH {",
             "PUSH []",
             "FLUSH",
@@ -101,12 +108,14 @@ def test_core_commands_reply_as_the_server_does(faktory, gateway):
     assert b"$-1\r\n" in through
     assert through[-1].endswith(b'{"state":"terminate"}\r\n')
 
+
 def test_bare_lf_lines_work(faktory, gateway):
     with RawClient.connect(gateway.url) as client:
         client.send(push_line(job(jid(), queue="lf")).encode() + b"\n")
         assert client.read_raw() == b"+OK\r\n"
         client.send(b"INFO\n")
         assert client.read_raw().startswith(b"$")
+
 
 def test_fifty_pipelined_commands_in_one_write_keep_their_order(gateway):
     queue = "pipe-" + jid()
@@ -124,6 +133,7 @@ def test_fifty_pipelined_commands_in_one_write_keep_their_order(gateway):
     assert [f["jid"] for f in fetched] == jids
     assert [f["args"] for f in fetched] == [[i] for i in range(25)]
 
+
 def test_a_one_mebibyte_job_passes_unchanged(gateway):
     queue = "big-" + jid()
     payload = "x" * (1024 * 1024)
@@ -134,10 +144,12 @@ def test_a_one_mebibyte_job_passes_unchanged(gateway):
     assert fetched["args"] == [payload]
     assert fetched["jid"] == big["jid"]
 
+
 def test_end_gets_no_reply_and_the_connection_closes(gateway):
     with RawClient.connect(gateway.url) as client:
         client.send(b"END\r\n")
         assert client.is_closed(timeout=5)
+
 
 def test_client_closing_mid_fetch_closes_its_upstream_connection(faktory, gateway):
     def connections() -> int:
@@ -158,6 +170,7 @@ def test_client_closing_mid_fetch_closes_its_upstream_connection(faktory, gatewa
         time.sleep(0.2)
     assert connections() <= before
 
+
 def test_password_is_checked_by_the_server_through_the_gateway():
     server = FaktoryServer(password="s3cret-pw").start()
     gateway = GatewayProcess(f"tcp://127.0.0.1:{server.port}").start()  # the gateway knows no password
@@ -174,6 +187,7 @@ def test_password_is_checked_by_the_server_through_the_gateway():
         gateway.stop()
         server.cleanup()
 
+
 def test_upstream_unreachable_gives_a_clear_error_then_close(faktory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,6 +201,7 @@ def test_upstream_unreachable_gives_a_clear_error_then_close(faktory):
             assert client.is_closed()
     finally:
         gateway.stop()
+
 
 def test_server_going_away_closes_clients_without_invented_replies(fresh_faktory):
     gateway = GatewayProcess(fresh_faktory.url).start()
@@ -212,6 +227,7 @@ def test_server_going_away_closes_clients_without_invented_replies(fresh_faktory
     finally:
         gateway.stop()
 
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
@@ -234,7 +250,7 @@ def test_back_pressure_a_client_that_does_not_read_is_not_buffered_without_bound
                     try:
                         client.sock.sendall(lines)
                         sent[0] += 100
-                    except (socket.timeout, OSError):
+                    except (TimeoutError, OSError):
                         return
 
             thread = threading.Thread(target=writer, daemon=True)

@@ -144,7 +144,6 @@ async def test_redis_keys_share_one_hash_tag_per_batch(redis_server):
 
 async def test_redis_down_raises_store_error_quickly():
     from gateway.store import StoreError
-
     from tests.support.processes import free_port
 
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", "x:", retention=60, lease_ttl=5)

@@ -29,7 +29,9 @@ class RawClient:
         self.password = parts.password
         sock = socket.create_connection((parts.hostname, parts.port or 7419), timeout=timeout)
         if parts.scheme == "tcp+tls":
-            sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=parts.hostname)
+            sock = (ssl_context or ssl.create_default_context()).wrap_socket(
+                sock, server_hostname=parts.hostname
+            )
         self.sock = sock
         self.file = sock.makefile("rb")
         self.greeting: bytes | None = None
@@ -50,7 +52,9 @@ class RawClient:
         if wid:
             hello.update(wid=wid, labels=["test"])
         if "s" in hi:
-            hello["pwdhash"] = pwdhash(password if password is not None else self.password or "", hi["s"], hi["i"])
+            hello["pwdhash"] = pwdhash(
+                password if password is not None else self.password or "", hi["s"], hi["i"]
+            )
         self.send(b"HELLO " + json.dumps(hello).encode() + b"\r\n")
         return self.read_raw()
 
@@ -91,7 +95,7 @@ class RawClient:
             return self.sock.recv(1) == b""
         except (ConnectionResetError, ssl.SSLError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:

@@ -30,7 +30,11 @@ def free_port() -> int:
 
 def faktory_binary() -> str:
     """The Faktory server built by scripts/install-test-deps.sh, or one named by FAKTORY_BIN."""
-    for candidate in (os.environ.get("FAKTORY_BIN"), str(REPO / ".tools/bin/faktory"), shutil.which("faktory")):
+    for candidate in (
+        os.environ.get("FAKTORY_BIN"),
+        str(REPO / ".tools/bin/faktory"),
+        shutil.which("faktory"),
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise RuntimeError("no faktory binary: run scripts/install-test-deps.sh (or set FAKTORY_BIN)")

@@ -70,19 +70,74 @@ def test_kubernetes_service_variables_are_not_mistaken_for_settings():
     "argv, env, file_text, message",
     [
         ([], {}, None, "upstream: required"),
-        (["--upstream", "http://f"], {}, None, "upstream: 'http://f' is not valid (from --upstream): scheme must be"),
-        (["--upstream", "tcp://f", "--mode", "lenient"], {}, None, "mode: 'lenient' is not valid (from --mode): allowed: strict, member-reopen, shadow"),
-        (["--upstream", "tcp://f"], {"FAKTORY_GATEWAY_LIMITS_MAX_CONNECTIONS": "many"}, None, "limits.max_connections: 'many' is not valid (from FAKTORY_GATEWAY_LIMITS_MAX_CONNECTIONS): expected a whole number"),
-        (["--upstream", "tcp://f"], {"FAKTORY_GATEWAY_LIMITS_MAX_PIPELINE": "0"}, None, "must be greater than zero"),
-        (["--upstream", "tcp://f", "--listen", "7419"], {}, None, "listen: '7419' is not valid (from --listen): expected HOST:PORT"),
-        (["--upstream", "tcp://f"], {"FAKTORY_GATEWAY_SHUTDOWN_MAX_DELAY": "soon"}, None, "shutdown.max_delay: 'soon' is not valid"),
-        (["--upstream", "tcp://f"], {"FAKTORY_GATEWAY_HTTP_QUITQUITQUIT": "maybe"}, None, "expected true or false"),
-        (["--upstream", "tcp://f"], {"FAKTORY_GATEWAY_REDIS": "http://r"}, None, "redis: 'http://r' is not valid"),
-        (["--upstream", "tcp://f"], {}, "limits:\n  max_conections: 5\n", "unknown key limits.max_conections (did you mean limits.max_connections?)"),
+        (
+            ["--upstream", "http://f"],
+            {},
+            None,
+            "upstream: 'http://f' is not valid (from --upstream): scheme must be",
+        ),
+        (
+            ["--upstream", "tcp://f", "--mode", "lenient"],
+            {},
+            None,
+            "mode: 'lenient' is not valid (from --mode): allowed: strict, member-reopen, shadow",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {"FAKTORY_GATEWAY_LIMITS_MAX_CONNECTIONS": "many"},
+            None,
+            "limits.max_connections: 'many' is not valid (from FAKTORY_GATEWAY_LIMITS_MAX_CONNECTIONS): expected a whole number",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {"FAKTORY_GATEWAY_LIMITS_MAX_PIPELINE": "0"},
+            None,
+            "must be greater than zero",
+        ),
+        (
+            ["--upstream", "tcp://f", "--listen", "7419"],
+            {},
+            None,
+            "listen: '7419' is not valid (from --listen): expected HOST:PORT",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {"FAKTORY_GATEWAY_SHUTDOWN_MAX_DELAY": "soon"},
+            None,
+            "shutdown.max_delay: 'soon' is not valid",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {"FAKTORY_GATEWAY_HTTP_QUITQUITQUIT": "maybe"},
+            None,
+            "expected true or false",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {"FAKTORY_GATEWAY_REDIS": "http://r"},
+            None,
+            "redis: 'http://r' is not valid",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {},
+            "limits:\n  max_conections: 5\n",
+            "unknown key limits.max_conections (did you mean limits.max_connections?)",
+        ),
         (["--upstream", "tcp://f"], {}, "mode: [strict\n", "not valid YAML at line"),
         (["--upstream", "tcp://f"], {}, "- a\n- b\n", "expected a mapping"),
-        (["--upstream", "tcp://f"], {}, "tls:\n  cert_file: /x.pem\n", "tls: cert_file and key_file must be given together"),
-        (["--upstream", "tcp://f"], {}, "shutdown:\n  min_delay: 1m\n  max_delay: 10s\n", "shutdown.min_delay: must not be longer"),
+        (
+            ["--upstream", "tcp://f"],
+            {},
+            "tls:\n  cert_file: /x.pem\n",
+            "tls: cert_file and key_file must be given together",
+        ),
+        (
+            ["--upstream", "tcp://f"],
+            {},
+            "shutdown:\n  min_delay: 1m\n  max_delay: 10s\n",
+            "shutdown.min_delay: must not be longer",
+        ),
     ],
 )
 def test_every_mistake_names_the_key_and_the_problem(tmp_path, argv, env, file_text, message):
@@ -92,7 +147,7 @@ def test_every_mistake_names_the_key_and_the_problem(tmp_path, argv, env, file_t
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="config file .*nope.yaml: No such file"):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml: No such file"):
         build(["--config", str(tmp_path / "nope.yaml")])
 
 
@@ -117,7 +172,9 @@ def test_command_line_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: tcp://f\nmode: loose\n")
     for argv in (["--config", str(bad)], ["--config", str(bad), "--check-config"]):
-        result = subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, cwd=REPO)
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, cwd=REPO
+        )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
             f"faktory-gateway: configuration error: mode: 'loose' is not valid (from {bad}): "
@@ -125,7 +182,10 @@ def test_command_line_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
         ]
         assert "Traceback" not in result.stderr
     good = subprocess.run(
-        [sys.executable, "-m", "gateway", "--upstream", "tcp://f", "--check-config"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "gateway", "--upstream", "tcp://f", "--check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert good.returncode == 0 and "configuration OK" in good.stdout
 

@@ -19,7 +19,12 @@ def code(refusal):
 
 @pytest.mark.parametrize(
     "state, expected",
-    [(OPEN, None), (COMMITTING, "BATCH_COMMITTED"), (COMMITTED, "BATCH_COMMITTED"), (FIRED, "BATCH_CALLBACK_FIRED")],
+    [
+        (OPEN, None),
+        (COMMITTING, "BATCH_COMMITTED"),
+        (COMMITTED, "BATCH_COMMITTED"),
+        (FIRED, "BATCH_CALLBACK_FIRED"),
+    ],
 )
 def test_adding_a_job(state, expected):
     refusal = policy.refusal_to_add("b-1", state)
@@ -101,7 +106,9 @@ def test_escaped_key_spellings_are_not_missed_by_the_fast_path():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=10,
 )
 

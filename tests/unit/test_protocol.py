@@ -20,7 +20,7 @@ from gateway.protocol import (
 def feed_in_pieces(reader, data: bytes, cuts: list[int]):
     frames = []
     last = 0
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         frames.extend(reader.feed(data[last:cut]))
         last = cut
     return frames
@@ -68,7 +68,11 @@ lines = st.lists(
 )
 
 
-@given(lines, st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=20, max_size=20), st.lists(st.integers(0, 10_000)))
+@given(
+    lines,
+    st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=20, max_size=20),
+    st.lists(st.integers(0, 10_000)),
+)
 def test_any_split_of_the_stream_gives_the_same_commands(body, endings, cuts):
     data = b"".join(line + endings[i] for i, line in enumerate(body))
     whole = CommandReader().feed(data)
