@@ -150,6 +150,10 @@ def test_fence_timeout_gives_a_retryable_refusal_and_the_batch_stays_open(standi
             )
             time.sleep(2.1)
             assert client.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
+        metrics = gateway.http("/metrics")[1]
+        assert "faktory_gateway_commit_fence_wait_seconds_count 2.0" in metrics
+        assert 'faktory_gateway_refusals_total{code="COMMIT_FENCE_TIMEOUT"} 1.0' in metrics
+        assert 'faktory_gateway_store_calls_total{operation="begin_commit"} 2.0' in metrics
     finally:
         admin.close()
         gateway.stop()

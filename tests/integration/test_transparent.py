@@ -199,6 +199,7 @@ def test_upstream_unreachable_gives_a_clear_error_then_close(faktory):
             assert reply.startswith(b"-ERR UPSTREAM_UNAVAILABLE cannot reach the Faktory server")
             assert str(dead_port).encode() in reply
             assert client.is_closed()
+        assert "faktory_gateway_upstream_dial_errors_total 1.0" in gateway.http("/metrics")[1]
     finally:
         gateway.stop()
 
