@@ -114,6 +114,10 @@ class BatchGuard:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _release(self, bid: str, token: str) -> None:
+        self.metrics.store_calls.labels("release").inc()
+        self.store.release(bid, token)
+
     async def _quietly(self, operation: str, awaitable) -> None:
         try:
             await self._store(operation, awaitable)
@@ -163,7 +167,7 @@ class BatchGuard:
     def _releasing(self, bid: str, token: str | None):
         def on_reply(reply: Reply) -> bytes:
             if token is not None:
-                self._later(self._quietly("release", self.store.release(bid, token)))
+                self._release(bid, token)
             return reply.raw
 
         return on_reply
@@ -252,7 +256,7 @@ class BatchGuard:
     def _releasing_all(self, leases: list[tuple[str, str]], refused: dict):
         def on_reply(reply: Reply) -> bytes:
             for bid, token in leases:
-                self._later(self._quietly("release", self.store.release(bid, token)))
+                self._release(bid, token)
             if not refused or reply.kind != DOLLAR or reply.payload is None:
                 return reply.raw
             try:
@@ -305,7 +309,7 @@ class BatchGuard:
     def _recording_new_batch(self, parent: str | None, token: str | None):
         async def on_reply(reply: Reply) -> bytes:
             if token is not None:
-                await self._quietly("release", self.store.release(parent, token))
+                self._release(parent, token)
             if reply.kind == DOLLAR and reply.payload:
                 bid = reply.payload.decode("utf-8", "replace")
                 if policy.BID.fullmatch(bid):

@@ -34,8 +34,9 @@ class BatchStore(Protocol):
     async def admit(self, bid: str, token: str) -> str:
         """Atomically: if the batch is open, hold a lease `token` on it and return OPEN; else its state."""
 
-    async def release(self, bid: str, token: str) -> None:
-        """The admitted command was answered by the server: drop its lease."""
+    def release(self, bid: str, token: str) -> None:
+        """The admitted command was answered by the server: drop its lease. Nothing waits for
+        this; should it be lost, the lease expires by itself."""
 
     async def begin_commit(self, bid: str) -> str:
         """Atomically move open (or unknown) to committing and return the state it had before."""

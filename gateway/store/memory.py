@@ -63,7 +63,7 @@ class MemoryStore:
             self._leases.setdefault(bid, {})[token] = self.clock() + self.lease_ttl
         return state
 
-    async def release(self, bid: str, token: str) -> None:
+    def release(self, bid: str, token: str) -> None:
         self._leases.get(bid, {}).pop(token, None)
 
     def _move(self, bid: str, allowed: tuple[str, ...], new: str) -> str:

@@ -3,65 +3,42 @@
 Keys (prefix configurable, `fgw:` by default); the two keys of one batch share the hash tag
 `{<bid>}` so that each Lua script touches one Redis Cluster slot:
 
-- `<prefix>{<bid>}:state`   string: open | committing | committed | fired, with a TTL
-- `<prefix>{<bid>}:leases`  sorted set: lease token -> expiry (server clock, ms)
+- `<prefix>{<bid>}:state`    string: open | committing | committed | fired, with a TTL
+- `<prefix>{<bid>}:leases`   sorted set: lease token -> expiry (Redis's clock, ms)
 - `<prefix>{wid:<wid>}:held` hash: jid -> "<expiry ms> <bid> [<bid>]" (mode member-reopen)
 
-URLs: `redis://`, `rediss://`, `unix://` as redis-py reads them; `redis+sentinel://[:pw@]h1:26379,
-h2:26379/<service>[/<db>]` for Sentinel; `redis+cluster://h:p` for Cluster.
+URLs: `redis://[[user]:pw@]host:port/db`, `rediss://...` (TLS), `unix:///path?db=N`,
+`redis+sentinel://[:pw@]h1:26379,h2:26379/<service>[/<db>]`, `redis+cluster://host:port`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from importlib import resources
-from urllib.parse import unquote, urlsplit
-
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
 
 from . import COMMITTED, COMMITTING, FIRED, OPEN, OPEN_TTL, UNKNOWN, StoreError
+from .wire import ReplyError, WireError, connect
 
 TIMEOUT = 2.0  # seconds for one round trip: a slow Redis must fail fast, inside clients' 5 s budget
 
 
-def _script(name: str) -> str:
-    return resources.files("gateway.store").joinpath(f"lua/{name}.lua").read_text()
+class _Script:
+    def __init__(self, name: str):
+        self.source = resources.files("gateway.store").joinpath(f"lua/{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-def connect(url: str):
-    """A redis-py asyncio client for any of the supported URL forms."""
-    # No socket_timeout: redis-py enforces it with a task per read; RedisStore._call bounds the
-    # whole round trip with one cheap asyncio.timeout instead.
-    options = {"socket_connect_timeout": TIMEOUT, "decode_responses": True}
-    parts = urlsplit(url)
-    if parts.scheme == "redis+sentinel":
-        hosts = [h.rsplit(":", 1) for h in parts.netloc.rpartition("@")[2].split(",")]
-        path = [p for p in parts.path.split("/") if p]
-        if not path:
-            raise ValueError("redis+sentinel:// needs the service name as its path")
-        password = unquote(parts.password) if parts.password else None
-        sentinel = Sentinel(
-            [(h, int(p)) for h, p in hosts], sentinel_kwargs={"password": password}, **options
-        )
-        return sentinel.master_for(path[0], db=int(path[1]) if len(path) > 1 else 0, password=password)
-    if parts.scheme == "redis+cluster":
-        return RedisCluster.from_url(url.replace("redis+cluster://", "redis://", 1), **options)
-    return aioredis.Redis.from_url(url, **options)
+TRANSITION, ADMIT, LIVE_LEASES = _Script("transition"), _Script("admit"), _Script("live_leases")
 
 
 class RedisStore:
     def __init__(self, url: str, prefix: str, retention: float, lease_ttl: float):
-        self.client = connect(url)
+        self.conn = connect(url)
         self.prefix = prefix
         self.retention_ms = int(retention * 1000)
         self.lease_ttl_ms = int(lease_ttl * 1000)
-        self._transition = self.client.register_script(_script("transition"))
-        self._admit = self.client.register_script(_script("admit"))
-        self._live_leases = self.client.register_script(_script("live_leases"))
 
     def _state_key(self, bid: str) -> str:
         return f"{self.prefix}{{{bid}}}:state"
@@ -75,36 +52,45 @@ class RedisStore:
     def _ttl_ms(self, state: str) -> int:
         return int(OPEN_TTL * 1000) if state in (OPEN, COMMITTING) else self.retention_ms
 
-    async def _call(self, awaitable):
+    async def _call(self, *args):
         try:
             async with asyncio.timeout(TIMEOUT):
-                return await awaitable
-        except (TimeoutError, RedisError, OSError) as exc:
+                return await self.conn.call(*args)
+        except asyncio.TimeoutError as exc:
+            self.conn.reset()  # a stalled connection is dropped; the next call dials afresh
+            raise StoreError(f"no answer from Redis within {TIMEOUT:g}s") from exc
+        except (WireError, OSError) as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 
+    async def _eval(self, script: _Script, keys: list[str], *args):
+        try:
+            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, ReplyError) or "NOSCRIPT" not in str(exc):
+                raise
+            # A restarted (or new) Redis has no scripts yet: EVAL runs and caches it.
+            return await self._call("EVAL", script.source, len(keys), *keys, *args)
+
     async def _move(self, bid: str, allowed: tuple[str, ...], new: str) -> str:
-        return await self._call(
-            self._transition(keys=[self._state_key(bid)], args=[",".join(allowed), new, self._ttl_ms(new)])
-        )
+        return await self._eval(TRANSITION, [self._state_key(bid)], ",".join(allowed), new, self._ttl_ms(new))
 
     async def create(self, bid: str, state: str = OPEN) -> None:
-        await self._call(self.client.set(self._state_key(bid), state, px=self._ttl_ms(state), nx=True))
+        await self._call("SET", self._state_key(bid), state, "PX", self._ttl_ms(state), "NX")
 
     async def state(self, bid: str) -> str:
-        return await self._call(self.client.get(self._state_key(bid))) or UNKNOWN
+        return await self._call("GET", self._state_key(bid)) or UNKNOWN
 
     async def admit(self, bid: str, token: str) -> str:
-        keys = [self._state_key(bid), self._lease_key(bid)]
-        return await self._call(self._admit(keys=keys, args=[token, self.lease_ttl_ms]))
+        return await self._eval(ADMIT, [self._state_key(bid), self._lease_key(bid)], token, self.lease_ttl_ms)
 
-    async def release(self, bid: str, token: str) -> None:
-        await self._call(self.client.zrem(self._lease_key(bid), token))
+    def release(self, bid: str, token: str) -> None:
+        self.conn.send_only("ZREM", self._lease_key(bid), token)
 
     async def begin_commit(self, bid: str) -> str:
         return await self._move(bid, (OPEN, UNKNOWN), COMMITTING)
 
     async def live_leases(self, bid: str) -> int:
-        return int(await self._call(self._live_leases(keys=[self._lease_key(bid)])))
+        return int(await self._eval(LIVE_LEASES, [self._lease_key(bid)]))
 
     async def finish_commit(self, bid: str, committed: bool) -> None:
         await self._move(bid, (COMMITTING,), COMMITTED if committed else OPEN)
@@ -113,23 +99,24 @@ class RedisStore:
         return await self._move(bid, (COMMITTED,), OPEN)
 
     async def mark_fired(self, bid: str) -> None:
-        await self._call(self.client.set(self._state_key(bid), FIRED, px=self.retention_ms))
+        await self._call("SET", self._state_key(bid), FIRED, "PX", self.retention_ms)
 
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
-        expires = int((time.time() + ttl) * 1000)
-        key = self._held_key(wid)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(key, jid, " ".join([str(expires), *bids]))
-            pipe.pexpire(key, int(ttl * 1000), gt=True)
-            pipe.pexpire(key, int(ttl * 1000), nx=True)
-            await self._call(pipe.execute())
+        key, ttl_ms = self._held_key(wid), int(ttl * 1000)
+        expires = int(time.time() * 1000) + ttl_ms
+        # Sent together: the connection pipelines them. The key lives as long as its longest job.
+        await asyncio.gather(
+            self._call("HSET", key, jid, " ".join([str(expires), *bids])),
+            self._call("PEXPIRE", key, ttl_ms, "GT"),
+            self._call("PEXPIRE", key, ttl_ms, "NX"),
+        )
 
     async def unhold(self, wid: str, jid: str) -> None:
-        await self._call(self.client.hdel(self._held_key(wid), jid))
+        await self._call("HDEL", self._held_key(wid), jid)
 
     async def holds(self, wid: str, bid: str) -> bool:
         now = time.time() * 1000
-        for value in await self._call(self.client.hvals(self._held_key(wid))):
+        for value in await self._call("HVALS", self._held_key(wid)):
             expires, *bids = value.split(" ")
             if bid in bids and int(expires) > now:
                 return True
@@ -137,9 +124,9 @@ class RedisStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._call(self.client.ping()))
+            return await self._call("PING") == "PONG"
         except StoreError:
             return False
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.conn.close()
