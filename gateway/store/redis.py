@@ -56,7 +56,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(TIMEOUT):
                 return await self.conn.call(*args)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             self.conn.reset()  # a stalled connection is dropped; the next call dials afresh
             raise StoreError(f"no answer from Redis within {TIMEOUT:g}s") from exc
         except (WireError, OSError) as exc:

@@ -141,7 +141,7 @@ class PipelinedConnection:
             if self._pipe is None or self._pipe.lost:
                 try:
                     self._pipe = await asyncio.wait_for(self._dial(), CONNECT_TIMEOUT)
-                except (OSError, asyncio.TimeoutError, ReplyError) as exc:
+                except (TimeoutError, OSError, ReplyError) as exc:
                     raise WireError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
             return self._pipe
 
