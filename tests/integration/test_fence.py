@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
 from tests.support.ent_standin import StandinProcess
-from tests.support.processes import GatewayProcess, RedisServer
+from tests.support.processes import GatewayProcess, Process, RedisServer, free_port
 
 ROUNDS = 200
 PUSHERS = 4
@@ -157,3 +158,36 @@ def test_fence_timeout_gives_a_retryable_refusal_and_the_batch_stays_open(standi
     finally:
         admin.close()
         gateway.stop()
+
+
+def test_ledger_behind_redis_sentinel(standin, tmp_path):
+    """A `redis+sentinel://` URL: the gateway asks a real Sentinel for the master."""
+    redis_server = RedisServer().start()
+    sentinel_port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor ledger 127.0.0.1 {redis_server.port} 1\n"
+    )
+    sentinel = Process([shutil.which("redis-server"), str(conf), "--sentinel"])
+    sentinel.start()
+    gateway = None
+    try:
+        sentinel.wait_for_line("+monitor master ledger")
+        gateway = GatewayProcess(
+            standin.url, "--redis", f"redis+sentinel://127.0.0.1:{sentinel_port}/ledger"
+        ).start()
+        with RawClient.connect(gateway.url) as client:
+            bid = client.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
+            assert client.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
+            assert client.call(push_line(job("s-" + uuid.uuid4().hex[:8], custom={"bid": bid}))).startswith(
+                b"-ERR BATCH_COMMITTED"
+            )
+        with RawClient(f"tcp://127.0.0.1:{redis_server.port}") as raw:  # the record is in the master
+            raw.send(f"GET fgw:{{{bid}}}:state\r\n".encode())
+            assert raw.read_raw() == b"$9\r\ncommitted\r\n"
+    finally:
+        if gateway:
+            gateway.stop()
+        sentinel.stop()
+        redis_server.cleanup()
