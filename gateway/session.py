@@ -115,6 +115,7 @@ class Session(asyncio.Protocol):
     def __init__(self, server: Server):
         self.server = server
         self.metrics = server.metrics
+        self.hot = server.metrics.hot
         limits = server.config.limits
         self.max_pipeline = limits.max_pipeline
         self.commands = CommandReader(limits.max_line_bytes)
@@ -193,7 +194,7 @@ class Session(asyncio.Protocol):
         if self.upstream is None:  # reads are paused until the dial ends, but a first read may beat it
             self._early += data
             return
-        self.metrics.bytes_received.inc(len(data))
+        self.hot.bytes_received += len(data)
         try:
             commands = self.commands.feed(data)
         except FrameTooLarge:
@@ -386,7 +387,7 @@ class Session(asyncio.Protocol):
                 command_done(slot.verb, slot.result, elapsed, elapsed - slot.upstream_time)
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.client.write(data)
-        self.metrics.bytes_sent.inc(len(data))
+        self.hot.bytes_sent += len(data)
         if "pipeline" in self._pauses and len(slots) < self.max_pipeline and self.backlog is None:
             self.resume_client("pipeline")
         if self.upstream_closed or self.draining:
