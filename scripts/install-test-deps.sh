@@ -21,6 +21,11 @@ if [ ! -x .tools/bin/faktory ]; then
   (cd tools/faktory && GOBIN="$repo/.tools/bin" GOFLAGS=-mod=mod go install tool)
 fi
 
+if [ ! -x .tools/bin/violate465 ] || [ tests/clients/go/main.go -nt .tools/bin/violate465 ]; then
+  echo "== building the Go client test program"
+  (cd tests/clients/go && GOFLAGS=-mod=mod go build -o "$repo/.tools/bin/violate465" .)
+fi
+
 if [ ! -d tests/clients/node/node_modules/faktory-worker ]; then
   echo "== installing the npm client"
   (cd tests/clients/node && npm ci --silent --no-audit --no-fund)

@@ -7,6 +7,8 @@ Each contribsys/faktory#465 scenario runs twice: straight to the stand-in, where
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import uuid
 
@@ -14,7 +16,7 @@ import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
 from tests.support.ent_standin import StandinProcess
-from tests.support.processes import GatewayProcess
+from tests.support.processes import REPO, GatewayProcess
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,33 @@ def test_push_after_the_callback_was_enqueued(route, standin):
         # The gateway saw the callback job go by in the FETCH reply: the batch is fired for good.
         assert code == "BATCH_CALLBACK_FIRED" and reopen == "BATCH_CALLBACK_FIRED"
         assert record["joined_after_callback"] == 0
+
+
+def test_with_the_go_client_as_a_user_would(standin, strict):
+    """The #465 violations through the reference client's batch API (tests/clients/go)."""
+
+    def violate(url: str) -> dict:
+        program = REPO / ".tools/bin/violate465"
+        result = subprocess.run(
+            [str(program)], env={**os.environ, "FAKTORY_URL": url}, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    direct = violate(standin.url)
+    assert {k: v for k, v in direct.items() if k != "bid"} == {
+        "reopen": "",
+        "push": "",
+        "child": "",
+        "pushbulk": "",
+    }
+    through = violate(strict.url)
+    bid = through["bid"]
+    assert through["reopen"].startswith(f"ERR BATCH_COMMITTED batch {bid}")
+    assert through["push"].startswith(f"ERR BATCH_COMMITTED batch {bid}")
+    assert through["child"].startswith(f"ERR PARENT_SEALED parent batch {bid}")
+    assert through["pushbulk"].startswith(f"BATCH_COMMITTED batch {bid}")
+    assert report(standin)[bid]["total"] == 1  # only the job pushed before the commit
 
 
 def test_with_pyfaktory_as_a_user_would(standin, strict):
