@@ -187,16 +187,17 @@ class BatchGuard:
             return self._malformed(command, session, str(exc))
         if bid is None:
             return None
-        return self._push_into(bid, command, session)
+        return self._add_to(bid, command, session, False, lambda token: self._releasing(bid, token))
 
-    async def _push_into(self, bid: str, command: Command, session: Session):
+    async def _add_to(self, bid: str, command: Command, session: Session, nest: bool, on_reply):
+        """Admit a job (or a child batch, `nest`) into `bid`; `on_reply(token)` makes its reply handler."""
         try:
             token, state = await self._admit(bid, session)
         except StoreError:
             return self._store_down(bid, command, session)
         if state != OPEN:
-            return self._refuse(self._unknown_or_sealed(bid, state, nest=False), command, session, bid)
-        return Forward(command.raw, self._releasing(bid, token), linger=token is not None)
+            return self._refuse(self._unknown_or_sealed(bid, state, nest), command, session, bid)
+        return Forward(command.raw, on_reply(token), linger=token is not None)
 
     def _store_down(self, bid: str, command: Command, session: Session):
         if self.config.on_store_error == "allow":
@@ -295,16 +296,9 @@ class BatchGuard:
             return self._malformed(command, session, str(exc))
         if parent is None:
             return Forward(command.raw, self._recording_new_batch(None, None))
-        return self._batch_new_child(parent, command, session)
-
-    async def _batch_new_child(self, parent: str, command: Command, session: Session):
-        try:
-            token, state = await self._admit(parent, session)
-        except StoreError:
-            return self._store_down(parent, command, session)
-        if state != OPEN:
-            return self._refuse(self._unknown_or_sealed(parent, state, nest=True), command, session, parent)
-        return Forward(command.raw, self._recording_new_batch(parent, token), linger=token is not None)
+        return self._add_to(
+            parent, command, session, True, lambda token: self._recording_new_batch(parent, token)
+        )
 
     def _recording_new_batch(self, parent: str | None, token: str | None):
         async def on_reply(reply: Reply) -> bytes:

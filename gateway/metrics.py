@@ -36,50 +36,43 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.build_info = Info("build", "Version of the gateway", namespace=NAMESPACE, registry=r)
+
+        def metric(kind, name: str, doc: str, labels: tuple[str, ...] = (), **options):
+            return kind(name, doc, labels, namespace=NAMESPACE, registry=self.registry, **options)
+
+        self.build_info = metric(Info, "build", "Version of the gateway")
         self.build_info.info({"version": __version__})
-        self.connections_active = Gauge(
-            "connections_active", "Client connections open now", namespace=NAMESPACE, registry=r
+        self.connections_active = metric(Gauge, "connections_active", "Client connections open now")
+        self.connections = metric(Counter, "connections", "Client connections accepted")
+        self.connections_refused = metric(
+            Counter, "connections_refused", "Client connections refused, by reason", ("reason",)
         )
-        self.connections = Counter(
-            "connections", "Client connections accepted", namespace=NAMESPACE, registry=r
+        self.refusals = metric(Counter, "refusals", "Commands refused, by code", ("code",))
+        self.shadow_refusals = metric(
+            Counter,
+            "shadow_refusals",
+            "Commands shadow mode forwarded but would have refused, by code",
+            ("code",),
         )
-        self.connections_refused = Counter(
-            "connections_refused", "Client connections refused, by reason", ["reason"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.refusals = Counter(
-            "refusals", "Commands refused, by code", ["code"], namespace=NAMESPACE, registry=r
+        self.store_calls = metric(
+            Counter, "store_calls", "Round trips to the batch store, by operation", ("operation",)
         )
-        self.shadow_refusals = Counter(
-            "shadow_refusals", "Commands shadow mode forwarded but would have refused, by code", ["code"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.store_calls = Counter(
-            "store_calls", "Round trips to the batch store, by operation", ["operation"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.store_errors = Counter(
-            "store_errors", "Failed round trips to the batch store, by operation", ["operation"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.fence_wait = Histogram(
-            "commit_fence_wait_seconds", "Time BATCH COMMIT waited for in-flight pushes",
-            buckets=LATENCY_BUCKETS, namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.upstream_dial_errors = Counter(
-            "upstream_dial_errors", "Failed dials to the Faktory server", namespace=NAMESPACE, registry=r
+        self.store_errors = metric(
+            Counter, "store_errors", "Failed round trips to the batch store, by operation", ("operation",)
         )
-        self.draining = Gauge(
-            "draining", "1 while the gateway drains for shutdown", namespace=NAMESPACE, registry=r
-        )
-        self.protocol_errors = Counter(
-            "protocol_errors", "Connections closed for broken protocol, by side", ["side"],
-            namespace=NAMESPACE, registry=r,
+        self.fence_wait = metric(
+            Histogram, "commit_fence_wait_seconds", "Time BATCH COMMIT waited for in-flight pushes",
+            buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        self.upstream_dial_errors = metric(
+            Counter, "upstream_dial_errors", "Failed dials to the Faktory server"
+        )
+        self.draining = metric(Gauge, "draining", "1 while the gateway drains for shutdown")
+        self.protocol_errors = metric(
+            Counter, "protocol_errors", "Connections closed for broken protocol, by side", ("side",)
+        )
         self.hot = HotPathStats()
-        r.register(self.hot)
+        self.registry.register(self.hot)
         self.command_done = self.hot.command_done
 
 
