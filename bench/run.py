@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.ent_standin import StandinProcess  # noqa: E402
+from tests.support.standin import StandinProcess  # noqa: E402
 from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")

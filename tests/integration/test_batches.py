@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
-from tests.support.ent_standin import StandinProcess
+from tests.support.standin import StandinProcess
 from tests.support.processes import REPO, GatewayProcess
 
 
