@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.standin import StandinProcess  # noqa: E402
 from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
+from tests.support.standin import StandinProcess  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
 RESULTS = REPO / "bench" / "results"

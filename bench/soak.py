@@ -942,8 +942,8 @@ class Soak:
         sys.path.insert(0, str(REPO))
         from run import children_of  # bench/run.py
 
-        from tests.support.standin import StandinProcess
         from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
+        from tests.support.standin import StandinProcess
 
         log("starting Faktory, the Ent stand-in, Redis and two gateways (--redis)")
         self.faktory = FaktoryServer().start()
