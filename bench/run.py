@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loadgen import percentiles  # noqa: E402 (bench/ is this script's own folder)
+
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
 from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
 from tests.support.standin import StandinProcess  # noqa: E402
@@ -120,26 +122,6 @@ def loadgen(spec: dict, timeout: float | None = None) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-
-
-def percentiles(values: array) -> dict | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    n = len(ordered)
-
-    def at(q: float) -> float:
-        return ordered[min(n - 1, int(q * n))] * 1e6
-
-    return {
-        "n": n,
-        "mean_us": sum(ordered) / n * 1e6,
-        "p50_us": at(0.5),
-        "p90_us": at(0.9),
-        "p99_us": at(0.99),
-        "p999_us": at(0.999),
-        "max_us": ordered[-1] * 1e6,
-    }
 
 
 class Bench:
