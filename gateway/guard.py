@@ -104,12 +104,13 @@ class BatchGuard:
         self.metrics.store_calls.labels(operation).inc()
         try:
             return await awaitable
-        except StoreError:
+        except StoreError as exc:
             self.metrics.store_errors.labels(operation).inc()
+            log.warning("store call failed", extra={"operation": operation, "error": str(exc)})
             raise
 
     def _later(self, coroutine) -> None:
-        """Store work whose result nobody waits for (a lease release); tracked so it is not lost."""
+        """Store work whose result nobody waits for (an unhold); tracked so it is not lost."""
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -58,9 +58,15 @@ def decode(payload: bytes) -> object:
         raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
 
 
+def _go_fold(key: str) -> str:
+    # Go's encoding/json matches struct fields with Unicode case folding: besides ASCII case,
+    # "ſ" (U+017F) folds to "s" and the Kelvin sign to "k" (which str.lower() already does).
+    return key.lower().replace("\u017f", "s")
+
+
 def field(obj: dict, name: str) -> object:
     """A struct field as Go's encoding/json finds it: the key matched case-insensitively."""
-    matches = [key for key in obj if key.lower() == name]
+    matches = [key for key in obj if _go_fold(key) == name]
     if len(matches) > 1:
         raise Malformed(f"ambiguous keys {', '.join(sorted(matches))}")
     return obj[matches[0]] if matches else None

@@ -141,15 +141,17 @@ class ReplyReader:
         while start < size:
             header_end = buffer.find(b"\r\n", start)
             kind = buffer[start]
+            if kind not in (PLUS, MINUS, COLON, DOLLAR):
+                raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
             if header_end < 0:
                 if size - start > (64 if kind == DOLLAR else self.max_bulk):
                     raise FrameTooLarge("server line too long")
                 break
             if kind == DOLLAR:
-                try:
-                    length = int(buffer[start + 1 : header_end])
-                except ValueError:
-                    raise ProtocolError(f"bad bulk length {bytes(buffer[start:header_end])[:40]!r}") from None
+                digits = bytes(buffer[start + 1 : header_end])
+                if not (digits.isdigit() or digits == b"-1"):  # int() would also take " 3" or "1_0"
+                    raise ProtocolError(f"bad bulk length {digits[:40]!r}")
+                length = int(digits)
                 if length == -1:
                     end = header_end + 2
                     replies.append(Reply(kind, None, bytes(buffer[start:end])))
@@ -166,13 +168,11 @@ class ReplyReader:
                 raw = bytes(buffer[start:end])
                 replies.append(Reply(kind, raw[header_end + 2 - start : -2], raw))
                 start = end
-            elif kind in (PLUS, MINUS, COLON):
+            else:  # +, - or :
                 end = header_end + 2
                 raw = bytes(buffer[start:end])
                 replies.append(Reply(kind, raw[1:-2], raw))
                 start = end
-            else:
-                raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
         if start:
             del buffer[:start]
         self._need = need

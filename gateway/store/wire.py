@@ -113,11 +113,15 @@ class PipelinedConnection:
             host, port = await self._address()
             context = ssl.create_default_context() if self.scheme == "rediss" else None
             _, pipe = await loop.create_connection(_Pipe, host, port, ssl=context)
-        if self.password:
-            auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
-            await pipe.send(auth)
-        if self.db:
-            await pipe.send(("SELECT", self.db))
+        try:
+            if self.password:
+                auth = ("AUTH", self.username, self.password) if self.username else ("AUTH", self.password)
+                await pipe.send(auth)
+            if self.db:
+                await pipe.send(("SELECT", self.db))
+        except BaseException:  # refused, or the dial timed out: do not keep the socket
+            pipe.transport.abort()
+            raise
         return pipe
 
     async def call(self, *args):

@@ -158,3 +158,9 @@ def test_error_reply_is_one_err_line_even_with_line_breaks_in_the_message():
 def test_bulk_reply_round_trips():
     (parsed,) = ReplyReader().feed(bulk_reply(b"b-123"))
     assert parsed.payload == b"b-123"
+
+
+@pytest.mark.parametrize("garbage", [b"$ 3\r\nabc\r\n", b"$1_0\r\n0123456789\r\n", b"%partial"])
+def test_loose_bulk_lengths_and_unknown_types_fail_at_once(garbage):
+    with pytest.raises(ProtocolError):
+        ReplyReader().feed(garbage)
