@@ -60,7 +60,7 @@ def decode(payload: bytes) -> object:
 
 def _go_fold(key: str) -> str:
     # Go's encoding/json matches struct fields with Unicode case folding: besides ASCII case,
-    # "ſ" (U+017F) folds to "s" and the Kelvin sign to "k" (which str.lower() already does).
+    # the long s (U+017F) folds to "s" and the Kelvin sign to "k" (which str.lower() already does).
     return key.lower().replace("\u017f", "s")
 
 

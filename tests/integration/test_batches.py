@@ -15,8 +15,8 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
-from tests.support.standin import StandinProcess
 from tests.support.processes import REPO, GatewayProcess
+from tests.support.standin import StandinProcess
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
-from tests.support.standin import StandinProcess
 from tests.support.processes import GatewayProcess, Process, RedisServer, free_port
+from tests.support.standin import StandinProcess
 
 ROUNDS = 200
 PUSHERS = 4
