@@ -30,7 +30,7 @@ import pytest
 
 from tests.support.client import RawClient, ServerClosed, job, push_line
 from tests.support.faultproxy import FaultProxy
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, rss_kib
 from tests.support.standin import StandinProcess
 
 OK = b"+OK\r\n"
@@ -408,9 +408,7 @@ def test_a_server_that_answers_garbage_loses_that_client_only(nonsense, garbage,
 
 
 def rss_and_fds(pid: int) -> tuple[int, int]:
-    with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_kib(pid) * 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class Load(threading.Thread):

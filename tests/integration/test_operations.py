@@ -11,7 +11,7 @@ import time
 import uuid
 
 from tests.support.client import RawClient, ServerClosed, job, push_line
-from tests.support.processes import GatewayProcess, free_port
+from tests.support.processes import GatewayProcess, free_port, rss_kib
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -240,10 +240,11 @@ def test_many_clients_vanishing_mid_command_leak_nothing(faktory):
                 )
                 client.close()
 
-        churn(50)
+        churn(500)  # warm up allocator pools and caches before the baseline
         time.sleep(1)
         baseline = fds()
-        threads = [threading.Thread(target=churn, args=(250,)) for _ in range(4)]
+        baseline_rss = rss_kib(gateway.proc.pid)
+        threads = [threading.Thread(target=churn, args=(2500,)) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -254,6 +255,8 @@ def test_many_clients_vanishing_mid_command_leak_nothing(faktory):
         assert fds() <= baseline + 2
         text = gateway.http("/metrics")[1]
         assert metric(text, "faktory_gateway_connections_active") == 0
-        assert metric(text, "faktory_gateway_connections_total") >= 1050
+        assert metric(text, "faktory_gateway_connections_total") >= 10500
+        # 10,000 sessions came and went; a leak of even 1 KiB each would show as 10 MiB.
+        assert rss_kib(gateway.proc.pid) - baseline_rss < 4096
     finally:
         gateway.stop()

@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from tests.support.client import RawClient, ServerClosed, job, push_line
-from tests.support.processes import REPO, FaktoryServer, GatewayProcess
+from tests.support.processes import REPO, FaktoryServer, GatewayProcess, rss_kib
 
 VOLATILE = re.compile(
     rb'"(now|server_utc_time|enqueued_at|created_at|uptime|used_memory_mb|connections|command_count'
@@ -227,11 +227,6 @@ def test_server_going_away_closes_clients_without_invented_replies(fresh_faktory
             assert client.call(push_line(job(jid()))) == b"+OK\r\n"
     finally:
         gateway.stop()
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 def test_back_pressure_a_client_that_does_not_read_is_not_buffered_without_bound(faktory):
