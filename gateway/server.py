@@ -10,11 +10,15 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .metrics import Metrics
 from .protocol import error_reply
 from .session import Session
+
+if TYPE_CHECKING:
+    from .guard import BatchGuard
 
 log = logging.getLogger("gateway.server")
 
@@ -51,7 +55,7 @@ class _Refuse(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, config: Config, metrics: Metrics, guard=None):
+    def __init__(self, config: Config, metrics: Metrics, guard: BatchGuard):
         self.config = config
         self.metrics = metrics
         self.guard = guard

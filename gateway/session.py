@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.session")
 perf_counter = time.perf_counter
+LINGER_TIMEOUT = 10.0  # seconds a closed session keeps its upstream for owed lease releases
 
 ReplyHandler = Callable[[Reply], "bytes | Awaitable[bytes]"]
 
@@ -216,11 +217,8 @@ class Session(asyncio.Protocol):
             return
         if not self.hello_seen:
             self._on_first_line(command)
-        guard = self.server.guard
-        decision = guard.inspect(command, self) if guard is not None else None
-        if decision is None:
-            self._forward(command, now, command.raw, None, False)
-        elif inspect.isawaitable(decision):
+        decision = self.server.guard.inspect(command, self)
+        if inspect.isawaitable(decision):
             self.backlog = deque()
             self._spawn(self._decide_in_order(command, now, decision))
         else:
@@ -241,18 +239,14 @@ class Session(asyncio.Protocol):
 
     async def _decide_in_order(self, command: Command, received: float, decision: Awaitable) -> None:
         """Apply a slow decision, then everything that queued behind it, in order."""
-        guard = self.server.guard
         try:
             self._apply(command, received, await decision)
             while self.backlog and not self.closed:
                 command, received = self.backlog.popleft()
-                next_decision = guard.inspect(command, self)
-                if next_decision is None:
-                    self._forward(command, received, command.raw, None, False)
-                else:
-                    if inspect.isawaitable(next_decision):
-                        next_decision = await next_decision
-                    self._apply(command, received, next_decision)
+                decision = self.server.guard.inspect(command, self)
+                if inspect.isawaitable(decision):
+                    decision = await decision
+                self._apply(command, received, decision)
         except Exception:
             log.exception(
                 "internal error deciding a command; closing the connection", extra={"peer": self.peer}
@@ -263,15 +257,18 @@ class Session(asyncio.Protocol):
             if len(self.slots) < self.max_pipeline:
                 self.resume_client("pipeline")
 
-    def _apply(self, command: Command, received: float, decision: Forward | Respond) -> None:
-        if isinstance(decision, Forward):
+    def _apply(self, command: Command, received: float, decision: Forward | Respond | None) -> None:
+        """Carry out the guard's decision; None means forward the command as it came."""
+        if decision is None:
+            self._forward(command, received, command.raw, None, False)
+        elif isinstance(decision, Forward):
             self._forward(command, received, decision.data, decision.on_reply, decision.linger)
-            return
-        slot = _Slot(verb_label(command.verb), received)
-        slot.data = decision.data
-        slot.result = decision.result
-        self.slots.append(slot)
-        self._flush()
+        else:
+            slot = _Slot(verb_label(command.verb), received)
+            slot.data = decision.data
+            slot.result = decision.result
+            self.slots.append(slot)
+            self._flush()
 
     def _forward(
         self, command: Command, received: float, data: bytes, on_reply: ReplyHandler | None, linger: bool
@@ -341,6 +338,10 @@ class Session(asyncio.Protocol):
                 self._spawn(self._finish_reply(slot, outcome))
             else:
                 slot.data = outcome
+        if self.closed:  # the client left; only owed lease releases kept the upstream open
+            if not self._owes_linger():
+                self.upstream.close()
+            return
         self._flush()
 
     async def _finish_reply(self, slot: _Slot, outcome: Awaitable[bytes]) -> None:
@@ -456,20 +457,16 @@ class Session(asyncio.Protocol):
             if task is not asyncio.current_task():
                 task.cancel()
         if self.upstream is not None and not self.upstream_closed:
-            if any(linger for _, _, linger in self.waiting):
-                self._spawn(self._linger())
+            if self._owes_linger():
+                # A reply that must be handled (a lease release) is owed: upstream_data closes the
+                # upstream once it came; this timer, if it never comes.
+                asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self.upstream.close)
             else:
                 self.upstream.close()
         self.server.session_closed(self)
 
-    async def _linger(self) -> None:
-        """The client left while a reply that must be handled is owed: wait for it, within reason."""
-        deadline = time.monotonic() + 10.0
-        while any(linger for _, _, linger in self.waiting) and not self.upstream_closed:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.01)
-        self.upstream.close()
+    def _owes_linger(self) -> bool:
+        return any(linger for _, _, linger in self.waiting)
 
     def _spawn(self, coroutine: Awaitable) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
+from tests.support.faultproxy import FaultProxy
 from tests.support.processes import GatewayProcess, Process, RedisServer, free_port
 from tests.support.standin import StandinProcess
 
@@ -191,3 +192,27 @@ def test_ledger_behind_redis_sentinel(standin, tmp_path):
             gateway.stop()
         sentinel.stop()
         redis_server.cleanup()
+
+
+def test_a_client_leaving_with_pushes_in_flight_does_not_block_the_commit(standin, redis_server):
+    """The gateway keeps the upstream until the owed replies came and releases their leases, so a
+    commit right after does not wait for lease expiry (15 s) nor time out (fence: 2 s here)."""
+    slow = FaultProxy(standin.port).start()  # the server's replies arrive after the client left
+    gateway = GatewayProcess(
+        slow.url, "--redis", redis_server.url, env={"FAKTORY_GATEWAY_COMMIT_FENCE_TIMEOUT": "2s"}
+    ).start()
+    try:
+        with RawClient.connect(gateway.url) as committer:
+            bid = committer.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
+            leaver = RawClient.connect(gateway.url)
+            slow.delay(0.5)
+            leaver.send(push_line(job("l-" + uuid.uuid4().hex[:8], custom={"bid": bid})).encode() + b"\r\n")
+            time.sleep(0.1)
+            leaver.close()  # gone before its reply came
+            # Without the release, the lease would hold the commit past the 2 s fence.
+            assert committer.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
+        record = RawClient.connect(standin.url).json("STANDIN REPORT")["batches"][bid]
+        assert record["joined_while_committed"] == 0 and record["total"] == 1
+    finally:
+        gateway.stop()
+        slow.stop()
