@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Protocol
 
 OPEN, COMMITTING, COMMITTED, FIRED, UNKNOWN = "open", "committing", "committed", "fired", "unknown"
-STATES = (OPEN, COMMITTING, COMMITTED, FIRED)
 
 # Ent drops an uncommitted batch after 30 minutes; the record outlives it by a margin.
 OPEN_TTL = 45 * 60.0
