@@ -46,7 +46,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import gateway, pytest, hypothesis, faktory, pyfaktory, helm_python" 2>/dev/null \
+if ! .venv/bin/python -c "import gateway, pytest, hypothesis, faktory, pyfaktory, helm_python, promql_parser" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ] || [ packaging/requirements.txt -nt .venv/.installed ]; then
   echo "== installing the package, its test dependencies and the packaging validators into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" -r packaging/requirements.txt
