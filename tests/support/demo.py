@@ -294,10 +294,10 @@ def main() -> int:
         except (RuntimeError, TimeoutError, OSError) as exc:
             print(f"demo: could not start the peers: {exc}", file=sys.stderr)
             return 2
-        print(f"Faktory OSS 1.9.4        {faktory.url}")
-        print(f"Ent stand-in             {standin.url}  (in front of Faktory; as permissive as Ent)")
+        print(f"{'Faktory OSS 1.9.4':<29}{faktory.url}")
+        print(f"{'Ent stand-in':<29}{standin.url}  (in front of Faktory; as permissive as Ent)")
         for mode, gateway in gateways.items():
-            print(f"gateway --mode {mode:<13} {gateway.url}  (in front of the stand-in; metrics on "
+            print(f"{'gateway --mode ' + mode:<29}{gateway.url}  (in front of the stand-in; metrics on "
                   f"http://127.0.0.1:{gateway.http_port}/metrics)")  # fmt: skip
         print()
         results = [(s, attempt(s, standin.url), attempt(s, gateways[s.gateway].url)) for s in SCENARIOS]
