@@ -15,7 +15,7 @@ import time
 
 from . import __version__
 from .config import Config, ConfigError, Invocation, redact_url, reload_policy
-from .guard import LEASE_TTL, BatchGuard
+from .guard import BatchGuard
 from .metrics import Metrics
 from .ops import Ops
 from .server import Server
@@ -74,6 +74,7 @@ class Gateway:
         except OSError as exc:
             log.error("cannot start", extra={"error": str(exc)})
             return EXIT_START_FAILED
+        self.guard.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
@@ -100,6 +101,7 @@ class Gateway:
         await asyncio.sleep(shutdown.min_delay)
         clean = await self.server.drain(started + shutdown.max_delay)
         await self.ops.stop()
+        await self.guard.close()
         await self.store.close()
         log.info("stopped", extra={"clean": clean, "seconds": round(time.monotonic() - started, 3)})
         if clean or shutdown.exit_zero_on_sigterm:
@@ -109,8 +111,10 @@ class Gateway:
 
 def open_store(config: Config) -> BatchStore:
     if not config.redis:
-        return MemoryStore(config.batch_retention, LEASE_TTL)
+        return MemoryStore(config.committed_retention, config.batch_retention)
     from .store.redis import RedisStore  # imported only when used: redis-py takes a while to load
 
     log.info("batch store: redis", extra={"url": redact_url(config.redis), "prefix": config.redis_key_prefix})
-    return RedisStore(config.redis, config.redis_key_prefix, config.batch_retention, LEASE_TTL)
+    return RedisStore(
+        config.redis, config.redis_key_prefix, config.committed_retention, config.batch_retention
+    )

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .policy import Mode
+
 ENV_PREFIX = "FAKTORY_GATEWAY_"
 DEFAULT_FAKTORY_PORT = 7419
 
@@ -236,11 +238,16 @@ class Config:
         "", parse_redis_url, "Redis URL for the shared ledger (empty: in-process)", "--redis", True
     )
     redis_key_prefix: str = setting("fgw:", parse_text, "prefix of every Redis key the gateway writes")
-    mode: str = setting("strict", one_of("strict", "member-reopen", "shadow"), "enforcement mode", "--mode")
+    mode: str = setting("strict", one_of(*Mode), "enforcement mode", "--mode")
     unknown_batch: str = setting("verify", one_of("verify", "allow", "reject"), "batches with no record")
     on_store_error: str = setting("reject", one_of("reject", "allow"), "batch commands when the store fails")
     commit_fence_timeout: float = setting(5.0, parse_duration, "longest wait for in-flight pushes at commit")
-    batch_retention: float = setting(7 * 86400.0, parse_duration, "how long committed batch records live")
+    committed_retention: float = setting(
+        45 * 86400.0, parse_duration, "how long a committed batch is remembered after it was last seen"
+    )
+    batch_retention: float = setting(
+        7 * 86400.0, parse_duration, "how long a batch whose callback fired is remembered"
+    )
     limits: Limits = field(default_factory=Limits)
     http: HTTP = field(default_factory=HTTP)
     shutdown: Shutdown = field(default_factory=Shutdown)

@@ -1,92 +1,95 @@
 """The batch guard: sees each command before it is forwarded, and some replies before the client.
 
-`inspect` is called for every command on the hot path, so it decides with byte checks first:
-most commands return None (forward unchanged) without decoding anything. The rest return a
-decision (`Forward` with a reply handler, or `Respond` with a refusal) or, when the store must be
-asked, an awaitable of one; the session keeps later commands waiting until it resolves.
+`decide` is called for every command on the hot path, so it decides with byte checks first: most
+commands return None (forward unchanged) without decoding anything. The rest return a decision
+(decisions.Forward or Respond) or, when the store or the server must be asked first, an
+awaitable of one; the session holds later commands of that connection back until it resolves.
 
-Invariants (design.md section 2) and where they are kept:
-- I1, I2: PUSH / PUSHB jobs with `custom.bid` are admitted only into an open batch (`_admit`).
+Invariants (docs/invariants.md has each with its test) and where they are kept here:
+- I1, I2: a PUSH / PUSHB job with `custom.bid` is admitted only into an open batch (`_admit`),
+  under a lease of the commit fence (fence.py).
 - I3: BATCH NEW with `parent_bid` is admitted like a job of the parent.
-- I4: BATCH OPEN is judged by policy.refusal_to_open, and in member-reopen mode the server's own
+- I4: BATCH OPEN is judged by policy.refusal_to_open; in member-reopen mode the server's own
   BATCH STATUS is checked before a committed batch is reopened.
-- The commit fence (I8): an admission holds a lease until the server answers; BATCH COMMIT moves
-  the batch to committing (no new leases) and waits for the leases to end before forwarding.
+- I8: BATCH COMMIT goes to the server only after the fence saw nothing admitted in flight.
+- Admission waits until every earlier command of the connection was answered (the barrier), so
+  that a lease covers the server's handling of that one command, not a client's queue before it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
 
 from . import policy
 from .config import Config
-from .metrics import Metrics
+from .decisions import Client, Decision, Forward, Respond
+from .fence import CommitStart, Fence, Ticket, TicketGroup
+from .holdings import Holdings
+from .metrics import Metrics, counted
 from .policy import MEMBER_REOPEN, SHADOW, Malformed, Refusal
 from .protocol import DOLLAR, Command, Reply, bulk_reply
-from .session import Forward, Respond
-from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchStore, StoreError
-
-if TYPE_CHECKING:
-    from .session import Session
+from .status import Status
+from .status import ask as ask_status
+from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, StoreError
 
 log = logging.getLogger("gateway.guard")
 
-# How long an admission's lease lives if its gateway never sees the server's reply (it died, or
-# the connection broke). Longer than any sane PUSH round trip; short enough that a dead gateway
-# delays commits of that batch only briefly.
-LEASE_TTL = 15.0
-DEFAULT_RESERVATION = 1800.0  # Faktory's default reserve_for, for jobs that do not say
+TOUCH_EVERY = 3600.0  # a committed record is refreshed at most this often per batch per gateway
 
 
 class BatchGuard:
-    def __init__(self, store: BatchStore, config: Config, metrics: Metrics):
+    def __init__(self, store: BatchStore, config: Config, metrics: Metrics, fence: Fence | None = None):
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.fence = fence or Fence(store, metrics)
+        self.holdings = Holdings(store)
+        self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task] = set()
-        self._held_here: dict[str, set[str]] = {}  # wid -> jids fetched through this gateway
-        # Lease tokens need only be unique among live leases: this process's id and a counter.
-        self._tokens = map(f"{os.urandom(4).hex()}-{{}}".format, itertools.count())
+
+    def start(self) -> None:
+        self.fence.start()
+
+    async def close(self) -> None:
+        await self.fence.close()
 
     # ------------------------------------------------------------------------------------------
     # Dispatch (hot path)
 
-    def inspect(self, command: Command, session: Session):
+    def decide(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         verb = command.verb
         if verb == b"PUSH":
-            return self._push(command, session) if policy.may_name_a_batch(command.args) else None
+            return self._push(command, client) if policy.may_name_a_batch(command.args) else None
         if verb == b"FETCH":
-            return Forward(command.raw, lambda reply: self._fetched(reply, session))
+            return Forward(command.raw, lambda reply: self._fetched(reply, client))
         if verb == b"BATCH":
-            return self._batch(command, session)
+            return self._batch(command, client)
         if verb == b"PUSHB":
-            return self._push_bulk(command, session) if policy.may_name_a_batch(command.args) else None
-        if verb in (b"ACK", b"FAIL") and session.wid in self._held_here:
-            self._finished(command, session.wid)
+            return self._push_bulk(command, client) if policy.may_name_a_batch(command.args) else None
+        if verb in (b"ACK", b"FAIL") and self.holdings.holds_any(self._holder(client)):
+            self._finished(command, client)
         elif verb == b"QUEUE" and not command.args.strip():
             # Faktory 1.9.4 panics on a bare QUEUE and the whole server goes down with it.
             return self._malformed(
-                command, session, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
+                command, client, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
             )
         return None
 
     # ------------------------------------------------------------------------------------------
-    # Outcomes
+    # Outcomes: refusals, shadow mode and store failures each handled in one place
 
-    def _refuse(self, refusal: Refusal, command: Command, session: Session, bid: str | None):
+    def _refuse(self, refusal: Refusal, command: Command, client: Client, bid: str | None) -> Decision:
         """Refuse, or in shadow mode count and forward. Every refusal is logged once: the audit trail."""
         fields = {
             "code": refusal.code,
             "verb": command.verb.decode("ascii", "replace")[:16],
             "bid": bid,
-            "wid": session.wid,
-            "peer": session.peer,
+            "wid": client.wid,
+            "peer": client.peer,
             "mode": self.config.mode,
         }
         if self.config.mode == SHADOW:
@@ -97,335 +100,338 @@ class BatchGuard:
         log.warning("refused", extra=fields)
         return Respond(refusal.reply())
 
-    def _malformed(self, command: Command, session: Session, problem: str):
-        return self._refuse(policy.refusal_malformed(command.verb.decode(), problem), command, session, None)
+    def _malformed(self, command: Command, client: Client, problem: str) -> Decision:
+        return self._refuse(policy.refusal_malformed(command.verb.decode(), problem), command, client, None)
 
-    async def _store(self, operation: str, awaitable):
-        self.metrics.store_calls.labels(operation).inc()
-        try:
-            return await awaitable
-        except StoreError as exc:
-            self.metrics.store_errors.labels(operation).inc()
-            log.warning("store call failed", extra={"operation": operation, "error": str(exc)})
-            raise
+    def _store_failed(self, bid: str, client: Client, exc: StoreError) -> Refusal | None:
+        """`on_store_error`: the refusal to give when the store cannot be asked, or None (allow)."""
+        log.warning("store unavailable", extra={"bid": bid, "peer": client.peer, "error": str(exc)})
+        return None if self.config.on_store_error == "allow" else policy.refusal_store_down(bid)
 
-    def _later(self, coroutine) -> None:
-        """Store work whose result nobody waits for (an unhold); tracked so it is not lost."""
-        task = asyncio.ensure_future(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _store_down(self, bid: str, command: Command, client: Client, exc: StoreError) -> Decision:
+        refusal = self._store_failed(bid, client, exc)
+        return Forward(command.raw) if refusal is None else self._refuse(refusal, command, client, bid)
 
-    def _release(self, bid: str, token: str) -> None:
-        self.metrics.store_calls.labels("release").inc()
-        self.store.release(bid, token)
+    def _store(self, operation: str, awaitable):
+        return counted(self.metrics, operation, awaitable)
 
     async def _quietly(self, operation: str, awaitable) -> None:
+        """A store update whose failure changes no decision (it is logged and counted)."""
         try:
             await self._store(operation, awaitable)
         except StoreError as exc:
             log.warning("store update failed", extra={"operation": operation, "error": str(exc)})
 
-    # ------------------------------------------------------------------------------------------
-    # Admission: the commit fence's entry half
-
-    async def _admit(self, bid: str, session: Session) -> tuple[str | None, str]:
-        """Try to add to `bid`. Returns (lease token or None, state that decided)."""
-        token = next(self._tokens)
-        state = await self._store("admit", self.store.admit(bid, token))
-        if state == UNKNOWN:
-            state = await self._judge_unknown(bid, session)
-            if state == OPEN:
-                state = await self._store("admit", self.store.admit(bid, token))
-            elif state == "allow":
-                return None, OPEN
-        return (token if state == OPEN else None), state
-
-    async def _judge_unknown(self, bid: str, session: Session) -> str:
-        """A batch with no record (created before the gateway, or expired): `unknown_batch` decides."""
-        if self.config.unknown_batch == "allow":
-            return "allow"
-        if self.config.unknown_batch == "reject":
-            return UNKNOWN
-        reply = await session.ask_upstream(b"BATCH STATUS " + bid.encode() + b"\r\n")
-        status = self._status_of(reply)
-        if not isinstance(status, dict):
-            return UNKNOWN  # the server has no such batch
-        if policy.status_fired(status):
-            await self._store("mark_fired", self.store.mark_fired(bid))
-            return FIRED
-        await self._store("create", self.store.create(bid, OPEN))
-        return OPEN
-
-    @staticmethod
-    def _status_of(reply: Reply) -> object:
-        if reply.kind != DOLLAR or reply.payload is None:
-            return None
-        try:
-            return json.loads(reply.payload)
-        except ValueError:
-            return None
-
-    def _releasing(self, bid: str, token: str | None):
-        def on_reply(reply: Reply) -> bytes:
-            if token is not None:
-                self._release(bid, token)
-            return reply.raw
-
-        return on_reply
-
-    def _unknown_or_sealed(self, bid: str, state: str, nest: bool) -> Refusal:
+    def _sealed_refusal(self, bid: str, state: BatchState, nest: bool) -> Refusal:
         if state == UNKNOWN:
             return policy.refusal_unknown(bid, self.config.unknown_batch)
         return policy.refusal_to_nest(bid, state) if nest else policy.refusal_to_add(bid, state)
 
     # ------------------------------------------------------------------------------------------
+    # Admission: the commit fence's entry half
+
+    async def _admit(self, bid: str, client: Client) -> tuple[BatchState, Ticket | None]:
+        """Admit one command into bid. (OPEN, ticket); (OPEN, None) when `unknown_batch: allow`
+        let an unknown batch through; else (the state that refuses, None). Raises StoreError."""
+        state, ticket = await self.fence.admit(bid)
+        if state == UNKNOWN:
+            state = await self._judge_unknown(bid, client)
+            if state == OPEN and self.config.unknown_batch != "allow":
+                state, ticket = await self.fence.admit(bid)
+        if state == COMMITTED:
+            await self._touch(bid)  # seen again: it must stay sealed for as long as it can fire
+        return state, ticket
+
+    async def _judge_unknown(self, bid: str, client: Client) -> BatchState:
+        """A batch with no record (created before the gateway, or expired): `unknown_batch` decides."""
+        if self.config.unknown_batch == "allow":
+            return OPEN
+        if self.config.unknown_batch == "reject":
+            return UNKNOWN
+        _, status = await ask_status(client, bid)
+        if status is None:
+            return UNKNOWN  # the server has no such batch
+        if status.fired:
+            await self._store("mark_fired", self.store.mark_fired(bid))
+            return FIRED
+        await self._store("create", self.store.create(bid, OPEN))
+        return OPEN
+
+    async def _touch(self, bid: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(bid, -TOUCH_EVERY) < TOUCH_EVERY:
+            return
+        if len(self._touched) > 100_000:
+            self._touched.clear()
+        self._touched[bid] = now
+        await self._quietly("touch", self.store.touch(bid))
+
+    def _forward_admitted(
+        self, command: Command, client: Client, bid: str, nest: bool, on_reply=None, data: bytes | None = None
+    ) -> Decision | Awaitable[Decision]:
+        """The fast path: nothing of this connection is unanswered and this gateway's lease on
+        bid admits locally: no store call, no task. Otherwise the full admission."""
+        if not client.unanswered():
+            ticket = self.fence.admit_locally(bid)
+            if ticket is not None:
+                return Forward(data or command.raw, on_reply, ticket)
+        return self._admit_and_forward(command, client, bid, nest, on_reply)
+
+    async def _admit_and_forward(
+        self, command: Command, client: Client, bid: str, nest: bool, on_reply
+    ) -> Decision:
+        if client.unanswered():
+            await client.all_answered()
+        try:
+            state, ticket = await self._admit(bid, client)
+        except StoreError as exc:
+            return self._store_down(bid, command, client, exc)
+        if state != OPEN:
+            return self._refuse(self._sealed_refusal(bid, state, nest), command, client, bid)
+        return Forward(command.raw, on_reply, ticket)
+
+    # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB
 
-    def _push(self, command: Command, session: Session):
+    def _push(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
             bid = policy.job_bid(policy.decode(command.args))
         except Malformed as exc:
-            return self._malformed(command, session, str(exc))
+            return self._malformed(command, client, str(exc))
         if bid is None:
             return None
-        return self._add_to(bid, command, session, False, lambda token: self._releasing(bid, token))
+        return self._forward_admitted(command, client, bid, nest=False)
 
-    async def _add_to(self, bid: str, command: Command, session: Session, nest: bool, on_reply):
-        """Admit a job (or a child batch, `nest`) into `bid`; `on_reply(token)` makes its reply handler."""
-        try:
-            token, state = await self._admit(bid, session)
-        except StoreError:
-            return self._store_down(bid, command, session)
-        if state != OPEN:
-            return self._refuse(self._unknown_or_sealed(bid, state, nest), command, session, bid)
-        return Forward(command.raw, on_reply(token), linger=token is not None)
-
-    def _store_down(self, bid: str, command: Command, session: Session):
-        if self.config.on_store_error == "allow":
-            log.warning(
-                "store unavailable; allowed by on_store_error", extra={"bid": bid, "peer": session.peer}
-            )
-            return Forward(command.raw)
-        return self._refuse(policy.refusal_store_down(bid), command, session, bid)
-
-    def _push_bulk(self, command: Command, session: Session):
+    def _push_bulk(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
             jobs = policy.decode(command.args)
             if not isinstance(jobs, list):
                 return None  # the server's own error for a PUSHB that is not a list
             bids = [policy.job_bid(job) for job in jobs]
         except Malformed as exc:
-            return self._malformed(command, session, str(exc))
+            return self._malformed(command, client, str(exc))
         if not any(bids):
             return None
-        return self._push_bulk_into(jobs, bids, command, session)
+        return self._push_bulk_into(jobs, bids, command, client)
 
-    async def _push_bulk_into(self, jobs: list, bids: list, command: Command, session: Session):
+    async def _push_bulk_into(self, jobs: list, bids: list, command: Command, client: Client) -> Decision:
         """Admit each batch once; refuse only the jobs whose batch refuses; forward the rest as one PUSHB."""
-        verdicts: dict[str, tuple[str | None, Refusal | None]] = {}
+        if client.unanswered():
+            await client.all_answered()
+        tickets: list[Ticket] = []
+        refusals: dict[str, Refusal] = {}
         for bid in dict.fromkeys(b for b in bids if b):
             try:
-                token, state = await self._admit(bid, session)
-            except StoreError:
-                if self.config.on_store_error == "allow":
-                    verdicts[bid] = (None, None)
-                    continue
-                verdicts[bid] = (None, policy.refusal_store_down(bid))
+                state, ticket = await self._admit(bid, client)
+            except StoreError as exc:
+                if (refusal := self._store_failed(bid, client, exc)) is not None:
+                    refusals[bid] = refusal
                 continue
-            verdicts[bid] = (
-                token,
-                None if state == OPEN else self._unknown_or_sealed(bid, state, nest=False),
-            )
-        refused = {}
-        kept = []
-        for job, bid in zip(jobs, bids, strict=True):
-            refusal = verdicts[bid][1] if bid else None
-            if refusal is None:
-                kept.append(job)
-                continue
-            refused[str(job.get("jid", ""))] = f"{refusal.code} {refusal.message}"
-        leases = [(bid, token) for bid, (token, _) in verdicts.items() if token]
-        for bid, (_, refusal) in verdicts.items():
-            if refusal is not None:
-                self._refuse(refusal, command, session, bid)  # logs and counts once per batch
-        if not refused or self.config.mode == SHADOW:
-            return Forward(command.raw, self._releasing_all(leases, {}), linger=bool(leases))
+            if ticket is not None:
+                tickets.append(ticket)
+            if state != OPEN:
+                refusals[bid] = self._sealed_refusal(bid, state, nest=False)
+        for bid, refusal in refusals.items():
+            self._refuse(refusal, command, client, bid)  # logs and counts once per batch
+        group = TicketGroup.of(tickets)
+        if not refusals or self.config.mode == SHADOW:
+            return Forward(command.raw, None, group)
+        refused = {
+            str(job.get("jid", "")): f"{refusals[bid].code} {refusals[bid].message}"
+            for job, bid in zip(jobs, bids, strict=True)
+            if bid in refusals
+        }
+        kept = [job for job, bid in zip(jobs, bids, strict=True) if bid not in refusals]
         if not kept:
+            if group is not None:
+                group.answered()  # nothing goes to the server: the admissions end here
             return Respond(bulk_reply(json.dumps(refused, separators=(",", ":")).encode()))
         data = b"PUSHB " + json.dumps(kept, separators=(",", ":")).encode() + b"\r\n"
-        return Forward(data, self._releasing_all(leases, refused), linger=bool(leases))
-
-    def _releasing_all(self, leases: list[tuple[str, str]], refused: dict):
-        def on_reply(reply: Reply) -> bytes:
-            for bid, token in leases:
-                self._release(bid, token)
-            if not refused or reply.kind != DOLLAR or reply.payload is None:
-                return reply.raw
-            try:
-                merged = {**json.loads(reply.payload), **refused}
-            except ValueError:
-                return reply.raw
-            return bulk_reply(json.dumps(merged, separators=(",", ":")).encode())
-
-        return on_reply
+        return Forward(data, lambda reply: _merge_refused(reply, refused), group)
 
     # ------------------------------------------------------------------------------------------
     # BATCH
 
-    def _batch(self, command: Command, session: Session):
+    def _batch(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         sub, _, rest = command.args.partition(b" ")
         if sub == b"NEW":
-            return self._batch_new(command, rest, session)
+            return self._batch_new(command, rest, client)
         if sub not in (b"OPEN", b"COMMIT", b"STATUS"):
             return None
         try:
             bid = policy.valid_bid(rest.decode("utf-8", "replace").strip())
         except Malformed as exc:
-            return self._malformed(command, session, str(exc))
+            return self._malformed(command, client, str(exc))
         if sub == b"OPEN":
-            return self._batch_open(bid, command, session)
+            return self._batch_open(bid, command, client)
         if sub == b"COMMIT":
-            return self._batch_commit(bid, command, session)
+            return self._batch_commit(bid, command, client)
         return Forward(command.raw, lambda reply: self._status_seen(bid, reply))
 
-    def _batch_new(self, command: Command, payload: bytes, session: Session):
+    def _batch_new(self, command: Command, payload: bytes, client: Client) -> Decision | Awaitable[Decision]:
         try:
             spec = policy.decode(payload)
             parent = policy.field(spec, "parent_bid") if isinstance(spec, dict) else None
             parent = policy.valid_bid(parent) if parent else None
         except Malformed as exc:
-            return self._malformed(command, session, str(exc))
+            return self._malformed(command, client, str(exc))
         if parent is None:
-            return Forward(command.raw, self._recording_new_batch(None, None))
-        return self._add_to(
-            parent, command, session, True, lambda token: self._recording_new_batch(parent, token)
-        )
+            return Forward(command.raw, self._record_new_batch)
+        return self._forward_admitted(command, client, parent, nest=True, on_reply=self._record_new_batch)
 
-    def _recording_new_batch(self, parent: str | None, token: str | None):
-        async def on_reply(reply: Reply) -> bytes:
-            if token is not None:
-                self._release(parent, token)
-            if reply.kind == DOLLAR and reply.payload:
-                bid = reply.payload.decode("utf-8", "replace")
-                if policy.BID.fullmatch(bid):
-                    # Recorded before the client sees the bid, so its first PUSH finds the record.
-                    await self._quietly("create", self.store.create(bid, OPEN))
-            return reply.raw
+    async def _record_new_batch(self, reply: Reply) -> bytes:
+        if reply.kind == DOLLAR and reply.payload:
+            bid = reply.payload.decode("utf-8", "replace")
+            if policy.BID.fullmatch(bid):
+                # Recorded before the client sees the bid, so its first PUSH finds the record.
+                await self._quietly("create", self.store.create(bid, OPEN))
+        return reply.raw
 
-        return on_reply
-
-    async def _batch_open(self, bid: str, command: Command, session: Session):
+    async def _batch_open(self, bid: str, command: Command, client: Client) -> Decision:
         try:
             state = await self._store("state", self.store.state(bid))
             if state == UNKNOWN:
-                state = await self._judge_unknown(bid, session)
-                if state in ("allow", OPEN):
+                state = await self._judge_unknown(bid, client)
+                if state == OPEN:
                     return Forward(command.raw)
-                return self._refuse(self._unknown_or_sealed(bid, state, nest=False), command, session, bid)
+                return self._refuse(self._sealed_refusal(bid, state, nest=False), command, client, bid)
             member = False
-            if state == COMMITTED and self.config.mode == MEMBER_REOPEN and session.wid:
-                member = await self._store("holds", self.store.holds(session.wid, bid))
+            holder = self._holder(client)
+            if state == COMMITTED and self.config.mode == MEMBER_REOPEN and holder:
+                member = await self._store("holds", self.holdings.holds(holder, bid))
             refusal = policy.refusal_to_open(bid, state, self.config.mode, member)
             if refusal is None and state == COMMITTED:
-                refusal = await self._legal_reopen(bid, session)
-        except StoreError:
-            return self._store_down(bid, command, session)
+                refusal = await self._legal_reopen(bid, client)
+            elif state == COMMITTED:
+                await self._touch(bid)
+        except StoreError as exc:
+            return self._store_down(bid, command, client, exc)
         if refusal is not None:
-            return self._refuse(refusal, command, session, bid)
+            return self._refuse(refusal, command, client, bid)
         return Forward(command.raw)
 
-    async def _legal_reopen(self, bid: str, session: Session) -> Refusal | None:
+    async def _legal_reopen(self, bid: str, client: Client) -> Refusal | None:
         """A member may reopen a committed batch only if none of its callbacks fired: ask the server."""
-        reply = await session.ask_upstream(b"BATCH STATUS " + bid.encode() + b"\r\n")
-        status = self._status_of(reply)
-        if policy.status_fired(status):
+        _, status = await ask_status(client, bid)
+        if status is not None and status.fired:
             await self._store("mark_fired", self.store.mark_fired(bid))
             return policy.refusal_to_open(bid, FIRED, self.config.mode, True)
         before = await self._store("reopen", self.store.reopen(bid))
         return None if before == COMMITTED else policy.refusal_to_open(bid, before, self.config.mode, True)
 
-    async def _batch_commit(self, bid: str, command: Command, session: Session):
-        try:
-            before = await self._store("begin_commit", self.store.begin_commit(bid))
-        except StoreError:
-            return self._store_down(bid, command, session)
-        if before in (COMMITTED, FIRED):
-            return Forward(command.raw)  # a repeated commit changes nothing; the server answers it
+    async def _batch_commit(self, bid: str, command: Command, client: Client) -> Decision:
+        attempt = self.fence.new_attempt()
         timeout = self.config.commit_fence_timeout
-        started = time.monotonic()
         try:
-            drained = await self._wait_for_leases(bid, started + timeout)
-        except StoreError:
-            drained = False
-        self.metrics.fence_wait.observe(time.monotonic() - started)
-        if not drained:
-            await self._quietly("finish_commit", self.store.finish_commit(bid, committed=False))
-            return self._refuse(policy.refusal_fence_timeout(bid, timeout), command, session, bid)
-        return Forward(command.raw, lambda reply: self._committed(bid, reply), linger=True)
+            start = await self.fence.begin_commit(bid, attempt, timeout)
+        except StoreError as exc:
+            return self._store_down(bid, command, client, exc)
+        if start == CommitStart.TIMED_OUT:
+            return self._refuse(policy.refusal_fence_timeout(bid, timeout), command, client, bid)
 
-    async def _wait_for_leases(self, bid: str, deadline: float) -> bool:
-        delay = 0.001
-        while await self._store("live_leases", self.store.live_leases(bid)):
-            if time.monotonic() + delay > deadline:
-                return False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return True
+        async def committed(reply: Reply) -> bytes:
+            # The ledger follows the server: +OK is committed, whatever else happened meanwhile.
+            if not reply.is_error or start == CommitStart.GO:
+                try:
+                    await self.fence.finish_commit(bid, attempt, committed=not reply.is_error)
+                except StoreError as exc:  # the attempt expires; sent, it then reads as committed
+                    log.warning(
+                        "store update failed", extra={"operation": "finish_commit", "error": str(exc)}
+                    )
+            return reply.raw
 
-    async def _committed(self, bid: str, reply: Reply) -> bytes:
-        await self._quietly("finish_commit", self.store.finish_commit(bid, committed=not reply.is_error))
+        return Forward(command.raw, committed, linger=True)
+
+    async def _status_seen(self, bid: str, reply: Reply) -> bytes:
+        status = Status.parse(reply)
+        if status is not None:
+            await self._learn(bid, status)
         return reply.raw
 
-    def _status_seen(self, bid: str, reply: Reply):
-        if policy.status_fired(self._status_of(reply)):
-            return self._record_fired(bid, reply)
-        return reply.raw
-
-    async def _record_fired(self, bid: str, reply: Reply) -> bytes:
-        await self._quietly("mark_fired", self.store.mark_fired(bid))
-        return reply.raw
+    async def _learn(self, bid: str, status: Status) -> None:
+        """What the server's own BATCH STATUS says: fired is final; otherwise a committed record
+        was seen again and starts its retention anew."""
+        if status.fired:
+            await self._quietly("mark_fired", self.store.mark_fired(bid))
+        else:
+            await self._touch(bid)
 
     # ------------------------------------------------------------------------------------------
-    # FETCH, ACK, FAIL: what workers hold, and callbacks seen
+    # FETCH, ACK, FAIL: callbacks seen, and (member-reopen) what workers hold
 
-    def _fetched(self, reply: Reply, session: Session):
+    @staticmethod
+    def _holder(client: Client) -> str | None:
+        """Holdings belong to a worker id *and* the address it connects from: a wid is whatever a
+        client says, and this stops a process elsewhere from borrowing a real worker's."""
+        if not client.wid:
+            return None
+        return f"{client.wid}@{client.peer.rpartition(':')[0]}"
+
+    def _fetched(self, reply: Reply, client: Client) -> bytes | Awaitable[bytes]:
         payload = reply.payload
         if not payload or reply.kind != DOLLAR:
             return reply.raw
         if b'"_bid"' not in payload and not (self.config.mode == MEMBER_REOPEN and b'bid"' in payload):
             return reply.raw
-        return self._learn_from_job(reply, session)
+        return self._learn_from_job(reply, client)
 
-    async def _learn_from_job(self, reply: Reply, session: Session) -> bytes:
+    async def _learn_from_job(self, reply: Reply, client: Client) -> bytes:
         try:
-            job = json.loads(reply.payload)
-            custom = job.get("custom") or {}
-        except (ValueError, AttributeError):
+            job = policy.decode(reply.payload)
+            custom = job.get("custom") if isinstance(job, dict) else None
+        except Malformed:
             return reply.raw
-        callback_of = custom.get("_bid")
-        if isinstance(callback_of, str) and policy.BID.fullmatch(callback_of):
-            await self._quietly("mark_fired", self.store.mark_fired(callback_of))
-        if self.config.mode == MEMBER_REOPEN and session.wid:
-            bids = [
-                b
-                for b in (custom.get("bid"), custom.get("_pbid"))
-                if isinstance(b, str) and policy.BID.fullmatch(b)
-            ]
-            jid = job.get("jid")
-            if bids and isinstance(jid, str):
-                ttl = float(job.get("reserve_for") or DEFAULT_RESERVATION)
-                self._held_here.setdefault(session.wid, set()).add(jid)
-                await self._quietly("hold", self.store.hold(session.wid, jid, bids, ttl))
+        if not isinstance(custom, dict):
+            return reply.raw
+        callback_of = _valid(custom.get("_bid"))
+        member_of: list[str] = []
+        if callback_of:
+            # Anyone can push a job that looks like a callback: only the server's own BATCH STATUS
+            # says whether the callback was enqueued, and who the parent is.
+            _, status = await ask_status(client, callback_of)
+            if status is not None and status.fired:
+                await self._quietly("mark_fired", self.store.mark_fired(callback_of))
+                parent = _valid(custom.get("_pbid"))
+                if parent and parent == status.parent:
+                    member_of.append(parent)
+        bid = _valid(custom.get("bid"))
+        if bid:
+            member_of.append(bid)
+            await self._touch(bid)
+        holder = self._holder(client)
+        jid = job.get("jid")
+        if self.config.mode == MEMBER_REOPEN and holder and member_of and isinstance(jid, str):
+            reserve = job.get("reserve_for")
+            reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
+            await self._quietly("hold", self.holdings.fetched(holder, jid, member_of, reserve))
         return reply.raw
 
-    def _finished(self, command: Command, wid: str) -> None:
-        held = self._held_here.get(wid)
+    def _finished(self, command: Command, client: Client) -> None:
         try:
-            jid = json.loads(command.args).get("jid")
-        except (ValueError, AttributeError):
-            return
-        if held and jid in held:
-            held.discard(jid)
-            if not held:
-                del self._held_here[wid]
-            self._later(self._quietly("unhold", self.store.unhold(wid, jid)))
+            body = policy.decode(command.args)
+        except Malformed:
+            return  # the server answers its own error
+        jid = body.get("jid") if isinstance(body, dict) else None
+        holder = self._holder(client)
+        if isinstance(jid, str) and holder and self.holdings.finished(holder, jid):
+            self._detach(self._quietly("unhold", self.store.unhold(holder, jid)))
+
+    def _detach(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _valid(bid: object) -> str | None:
+    return bid if isinstance(bid, str) and policy.BID.fullmatch(bid) else None
+
+
+def _merge_refused(reply: Reply, refused: dict) -> bytes:
+    """The server's jid-to-error map for the jobs it got, with the gateway's refusals added."""
+    if reply.kind != DOLLAR or reply.payload is None:
+        return reply.raw
+    try:
+        merged = {**json.loads(reply.payload), **refused}
+    except (ValueError, RecursionError):
+        return reply.raw
+    return bulk_reply(json.dumps(merged, separators=(",", ":")).encode())

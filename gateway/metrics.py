@@ -64,6 +64,14 @@ class Metrics:
             Histogram, "commit_fence_wait_seconds", "Time BATCH COMMIT waited for in-flight pushes",
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
+        self.lease_aborts = metric(
+            Counter,
+            "lease_aborts",
+            "Upstream connections reset because their batch lease could not be renewed in time",
+        )
+        self.lease_lost = metric(
+            Counter, "lease_lost", "Admitted commands refused before the write: their batch lease lapsed"
+        )
         self.upstream_dial_errors = metric(
             Counter, "upstream_dial_errors", "Failed dials to the Faktory server"
         )
@@ -140,3 +148,13 @@ class HotPathStats:
         yield CounterMetricFamily(
             name + "client_sent_bytes", "Bytes written to clients", value=self.bytes_sent
         )
+
+
+async def counted(metrics: Metrics, operation: str, awaitable):
+    """Await one store call, counting it, and its failure, under `operation`."""
+    metrics.store_calls.labels(operation).inc()
+    try:
+        return await awaitable
+    except Exception:
+        metrics.store_errors.labels(operation).inc()
+        raise

@@ -6,6 +6,7 @@ worker holds a job of the batch) and asks these functions; the tests ask them di
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from dataclasses import dataclass
@@ -13,7 +14,14 @@ from dataclasses import dataclass
 from .protocol import error_reply
 from .store import COMMITTING, FIRED, OPEN
 
-STRICT, MEMBER_REOPEN, SHADOW = "strict", "member-reopen", "shadow"
+
+class Mode(enum.StrEnum):
+    STRICT = "strict"
+    MEMBER_REOPEN = "member-reopen"
+    SHADOW = "shadow"
+
+
+STRICT, MEMBER_REOPEN, SHADOW = Mode.STRICT, Mode.MEMBER_REOPEN, Mode.SHADOW
 
 # Ent's bids are `b-` and a url-safe token; be generous, but never let a brace (a Redis hash tag),
 # a space or a line break from a client reach a key or a log line.
@@ -156,6 +164,13 @@ def refusal_fence_timeout(bid: str, seconds: float) -> Refusal:
     return Refusal(
         "COMMIT_FENCE_TIMEOUT",
         f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit",
+    )
+
+
+def refusal_lease_lost(bid: str) -> Refusal:
+    return Refusal(
+        "STATE_UNAVAILABLE",
+        f"the gateway could not renew its lease on batch {bid} in time; the command was not sent; retry",
     )
 
 

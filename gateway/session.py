@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
+import socket
+import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from .decisions import Forward, ReplyHandler, Respond, Ticket
 from .metrics import verb_label
+from .policy import Malformed, decode
 from .protocol import (
     MINUS,
     Command,
@@ -47,33 +50,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.session")
 perf_counter = time.perf_counter
 LINGER_TIMEOUT = 10.0  # seconds a closed session keeps its upstream for owed lease releases
+# SO_LINGER on, 0 s: closing the socket resets the connection and discards unsent bytes, also
+# when the process is killed. Set on upstream connections that carry admitted batch commands, so
+# that a command whose lease is gone cannot still be delivered after its batch was committed.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
-ReplyHandler = Callable[[Reply], "bytes | Awaitable[bytes]"]
 
+class _Owed:
+    """A line sent upstream that expects a reply: the client's slot to fill (None for the gateway's
+    own question, answered through `future`), the handler that sees the reply first, and the
+    admission ticket the reply ends."""
 
-class Forward:
-    """Guard decision: send `data` upstream; `on_reply` (if any) turns the server's reply into the client's.
+    __slots__ = ("future", "linger", "on_reply", "slot", "ticket")
 
-    `linger` asks the session to keep the upstream open for this reply even if the client leaves,
-    because the handler must run (it releases a commit-fence lease).
-    """
-
-    __slots__ = ("data", "linger", "on_reply")
-
-    def __init__(self, data: bytes, on_reply: ReplyHandler | None = None, linger: bool = False):
-        self.data = data
+    def __init__(self, slot, on_reply=None, ticket=None, linger=False, future=None):
+        self.slot = slot
         self.on_reply = on_reply
+        self.ticket = ticket
         self.linger = linger
-
-
-class Respond:
-    """Guard decision: answer the client with `data` and send nothing upstream."""
-
-    __slots__ = ("data", "result")
-
-    def __init__(self, data: bytes, result: str = "refused"):
-        self.data = data
-        self.result = result
+        self.future = future
 
 
 class _Slot:
@@ -122,8 +117,8 @@ class Session(asyncio.Protocol):
         self.commands = CommandReader(limits.max_line_bytes)
         self.replies = ReplyReader(max(limits.max_line_bytes, 64 * 2**20))
         self.slots: deque[_Slot] = deque()
-        # (slot, handler, linger) per line sent upstream; (None, future, False) for the gateway's own.
-        self.waiting: deque[tuple] = deque()
+        self.waiting: deque[_Owed] = deque()  # one per line sent upstream that expects a reply
+        self._answered: asyncio.Future | None = None  # all_answered() waits on it
         self.backlog: deque[tuple[Command, float]] | None = None
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
@@ -138,6 +133,7 @@ class Session(asyncio.Protocol):
         self._early = bytearray()
         self._tasks: set[asyncio.Task] = set()
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._resets_on_close = False
 
     # ------------------------------------------------------------------------------------------
     # Client side
@@ -160,7 +156,7 @@ class Session(asyncio.Protocol):
         # The server speaks first (`+HI`), possibly before create_connection returns here.
         greeting = _Slot(None, perf_counter())
         self.slots.append(greeting)
-        self.waiting.append((greeting, None, False))
+        self.waiting.append(_Owed(greeting))
         try:
             transport, _ = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
@@ -217,7 +213,7 @@ class Session(asyncio.Protocol):
             return
         if not self.hello_seen:
             self._on_first_line(command)
-        decision = self.server.guard.inspect(command, self)
+        decision = self.server.guard.decide(command, self)
         if inspect.isawaitable(decision):
             self.backlog = deque()
             self._spawn(self._decide_in_order(command, now, decision))
@@ -231,9 +227,10 @@ class Session(asyncio.Protocol):
             self._handshake_timer.cancel()
         if command.verb == b"HELLO":
             try:
-                wid = json.loads(command.args).get("wid")
-            except (ValueError, AttributeError):
-                wid = None
+                hello = decode(command.args)
+            except Malformed:
+                hello = None  # the server answers it; the gateway only has no wid
+            wid = hello.get("wid") if isinstance(hello, dict) else None
             if isinstance(wid, str) and 0 < len(wid) <= 128 and wid.isprintable():
                 self.wid = wid
 
@@ -243,7 +240,7 @@ class Session(asyncio.Protocol):
             self._apply(command, received, await decision)
             while self.backlog and not self.closed:
                 command, received = self.backlog.popleft()
-                decision = self.server.guard.inspect(command, self)
+                decision = self.server.guard.decide(command, self)
                 if inspect.isawaitable(decision):
                     decision = await decision
                 self._apply(command, received, decision)
@@ -260,9 +257,11 @@ class Session(asyncio.Protocol):
     def _apply(self, command: Command, received: float, decision: Forward | Respond | None) -> None:
         """Carry out the guard's decision; None means forward the command as it came."""
         if decision is None:
-            self._forward(command, received, command.raw, None, False)
+            self._forward(command, received, command.raw, None, None, False)
         elif isinstance(decision, Forward):
-            self._forward(command, received, decision.data, decision.on_reply, decision.linger)
+            self._forward(
+                command, received, decision.data, decision.on_reply, decision.ticket, decision.linger
+            )
         else:
             slot = _Slot(verb_label(command.verb), received)
             slot.data = decision.data
@@ -271,20 +270,64 @@ class Session(asyncio.Protocol):
             self._flush()
 
     def _forward(
-        self, command: Command, received: float, data: bytes, on_reply: ReplyHandler | None, linger: bool
+        self,
+        command: Command,
+        received: float,
+        data: bytes,
+        on_reply: ReplyHandler | None,
+        ticket: Ticket | None,
+        linger: bool,
     ) -> None:
         if self.closed or self.upstream_closed:
+            if ticket is not None:
+                ticket.answered()  # never written: the admission ends here
             return
         if command.verb == b"END":  # the one command with no reply: the server just closes
             self.upstream.write(data)
             return
         slot = _Slot(verb_label(command.verb), received)
+        if ticket is not None:
+            if not ticket.writable():  # the lease's local deadline passed: it must not be sent
+                slot.data = ticket.unwritable_reply()
+                slot.result = "refused"
+                self.slots.append(slot)
+                self._flush()
+                return
+            if not self._resets_on_close:
+                self._reset_on_close()
         slot.sent = perf_counter()
         self.slots.append(slot)
-        self.waiting.append((slot, on_reply, linger))
+        self.waiting.append(_Owed(slot, on_reply, ticket, linger))
         self.upstream.write(data)
+        if ticket is not None:
+            ticket.written(self.abort_upstream)
         if len(self.slots) >= self.max_pipeline:
             self.pause_client("pipeline")
+
+    def _reset_on_close(self) -> None:
+        self._resets_on_close = True
+        sock = self.upstream.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+
+    def abort_upstream(self) -> None:
+        """The fence lost a lease this connection carries a command of: reset the upstream (the
+        command must not reach the server late) and close the client, which sees a broken
+        connection, never a made-up reply."""
+        if self.upstream is not None and not self.upstream_closed:
+            self._reset_on_close()
+            self.upstream.abort()
+        self.close()
+
+    def unanswered(self) -> int:
+        return len(self.waiting)
+
+    async def all_answered(self) -> None:
+        if not self.waiting:
+            return
+        if self._answered is None or self._answered.done():
+            self._answered = asyncio.get_running_loop().create_future()
+        await self._answered
 
     async def ask_upstream(self, line: bytes) -> Reply:
         """Send a command of the gateway's own on this client's upstream connection and return the reply.
@@ -295,7 +338,7 @@ class Session(asyncio.Protocol):
         if self.closed or self.upstream_closed or self.upstream is None:
             raise ConnectionError("upstream connection is closed")
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((None, future, False))
+        self.waiting.append(_Owed(None, future=future))
         self.upstream.write(line)
         return await future
 
@@ -321,10 +364,13 @@ class Session(asyncio.Protocol):
                 slot.data = reply.raw
                 self.slots.append(slot)
                 continue
-            slot, on_reply, _ = self.waiting.popleft()
+            owed = self.waiting.popleft()
+            slot, on_reply = owed.slot, owed.on_reply
+            if owed.ticket is not None:
+                owed.ticket.answered()
             if slot is None:
-                if not on_reply.done():  # an answer to the gateway's own question
-                    on_reply.set_result(reply)
+                if not owed.future.done():  # an answer to the gateway's own question
+                    owed.future.set_result(reply)
                 continue
             slot.upstream_time = now - slot.sent
             if reply.kind == MINUS:
@@ -338,6 +384,8 @@ class Session(asyncio.Protocol):
                 self._spawn(self._finish_reply(slot, outcome))
             else:
                 slot.data = outcome
+        if not self.waiting and self._answered is not None and not self._answered.done():
+            self._answered.set_result(None)
         if self.closed:  # the client left; only owed lease releases kept the upstream open
             if not self._owes_linger():
                 self.upstream.close()
@@ -360,10 +408,14 @@ class Session(asyncio.Protocol):
         self.upstream_closed = True
         # Commands still waiting will never be answered: the client must see the connection
         # close after the replies it did get, never a reply the server did not send (I6).
-        for slot, on_reply, _ in self.waiting:
-            if slot is None:
-                on_reply.cancel()
+        for owed in self.waiting:
+            if owed.future is not None:
+                owed.future.cancel()
+            if owed.ticket is not None:
+                owed.ticket.lost()
         self.waiting.clear()
+        if self._answered is not None:
+            self._answered.cancel()
         if self.client is not None and not self.client.is_closing():
             self._flush()
             self._close_if_done()
@@ -459,14 +511,14 @@ class Session(asyncio.Protocol):
         if self.upstream is not None and not self.upstream_closed:
             if self._owes_linger():
                 # A reply that must be handled (a lease release) is owed: upstream_data closes the
-                # upstream once it came; this timer, if it never comes.
-                asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self.upstream.close)
+                # upstream once it came; this timer resets it if it never comes.
+                asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self.upstream.abort)
             else:
                 self.upstream.close()
         self.server.session_closed(self)
 
     def _owes_linger(self) -> bool:
-        return any(linger for _, _, linger in self.waiting)
+        return any(owed.linger for owed in self.waiting)
 
     def _spawn(self, coroutine: Awaitable) -> None:
         task = asyncio.ensure_future(coroutine)

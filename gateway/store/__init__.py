@@ -7,13 +7,47 @@ Lua script, so that gateways sharing one Redis see one order of events).
 States: `open` -> `committing` -> `committed` -> `fired` (terminal). A failed commit goes back to
 `open`; a legal reopen (mode member-reopen) moves `committed` back to `open`. A bid with no record
 is `unknown`.
+
+The commit fence lives here as data (docs/fence.md has the argument):
+- **Gateway leases.** A gateway that admits commands into a batch holds one lease per batch
+  (`acquire`), renews it while it has admitted commands unanswered (`renew`) and drops it when it
+  is done (`release`). Leases are measured on the store's clock. Only an open batch grants one; a
+  live lease can be renewed in any state, which is what makes a commit wait for it.
+- **Commit attempts.** `begin_commit` moves the batch to committing and registers an attempt with
+  its own expiry; gateways are told (`on_seal`) so that they stop admitting at once. `commit_go`
+  atomically checks that no lease is live and marks the attempt *sent*. `finish_commit` follows the
+  server's answer: `+OK` always means committed; a failure or a fence timeout reopens the batch only
+  when no other attempt is live. An attempt whose gateway died is *abandoned*: one that was never
+  sent reopens the batch; one that may have reached the server leaves it committed (the safe
+  reading; a retried commit is forwarded and answered by the server).
+- **Lifetime.** Open and committing records live `OPEN_TTL` (Ent drops an uncommitted batch after
+  30 minutes). Committed records live `committed_retention` from the last time a gateway saw the
+  batch (`touch`), so a batch whose jobs retry for weeks stays sealed; fired records live
+  `fired_retention` and then age out.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from typing import Protocol
 
-OPEN, COMMITTING, COMMITTED, FIRED, UNKNOWN = "open", "committing", "committed", "fired", "unknown"
+
+class BatchState(enum.StrEnum):
+    OPEN = "open"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    FIRED = "fired"
+    UNKNOWN = "unknown"  # no record
+
+
+OPEN, COMMITTING, COMMITTED, FIRED, UNKNOWN = (
+    BatchState.OPEN,
+    BatchState.COMMITTING,
+    BatchState.COMMITTED,
+    BatchState.FIRED,
+    BatchState.UNKNOWN,
+)
 
 # Ent drops an uncommitted batch after 30 minutes; the record outlives it by a margin.
 OPEN_TTL = 45 * 60.0
@@ -23,34 +57,61 @@ class StoreError(Exception):
     """The store could not answer; the caller applies `on_store_error`."""
 
 
+class LeaseReply:
+    """The answer to `acquire`/`renew`: the batch's state and whether this gateway's lease is live."""
+
+    __slots__ = ("held", "state")
+
+    def __init__(self, state: BatchState, held: bool):
+        self.state = state
+        self.held = held
+
+    def __repr__(self) -> str:
+        return f"LeaseReply({self.state}, held={self.held})"
+
+
+SealListener = Callable[[str], None]
+
+
 class BatchStore(Protocol):
-    async def create(self, bid: str, state: str = OPEN) -> None:
+    async def create(self, bid: str, state: BatchState = OPEN) -> None:
         """Record a batch the server just created (or one verified with BATCH STATUS), if not known."""
 
-    async def state(self, bid: str) -> str:
-        """The batch's state, or UNKNOWN."""
+    async def state(self, bid: str) -> BatchState:
+        """The batch's state, or UNKNOWN. An abandoned commit is resolved on the way."""
 
-    async def admit(self, bid: str, token: str) -> str:
-        """Atomically: if the batch is open, hold a lease `token` on it and return OPEN; else its state."""
+    async def acquire(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+        """Take (or extend) gateway's lease on bid if the batch is open; else report its state."""
 
-    def release(self, bid: str, token: str) -> None:
-        """The admitted command was answered by the server: drop its lease. Nothing waits for
-        this; should it be lost, the lease expires by itself."""
+    async def renew(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+        """Extend gateway's lease if it is still live, whatever the state; `held` False if it lapsed."""
 
-    async def begin_commit(self, bid: str) -> str:
-        """Atomically move open (or unknown) to committing and return the state it had before."""
+    def release(self, bid: str, gateway: str) -> None:
+        """Drop gateway's lease (nothing of it is in flight). Not awaited: a lost release expires."""
 
-    async def live_leases(self, bid: str) -> int:
-        """Leases not yet released nor expired."""
+    async def begin_commit(self, bid: str, attempt: str, ttl: float) -> BatchState:
+        """Move open (or unknown) to committing, or join a commit already under way; register the
+        attempt for `ttl`; tell every gateway. Returns the state before."""
 
-    async def finish_commit(self, bid: str, committed: bool) -> None:
-        """committing -> committed when the server said +OK, back to open when it refused."""
+    async def commit_go(self, bid: str, attempt: str, ttl: float) -> bool:
+        """Atomically: if no gateway lease is live, mark the attempt sent and return True; else
+        extend the attempt and return False."""
 
-    async def reopen(self, bid: str) -> str:
+    async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
+        """The server answered (committed: +OK), or the attempt gave up. Returns the new state."""
+
+    async def reopen(self, bid: str) -> BatchState:
         """Atomically move committed to open (a legal reopen); return the state it had before."""
 
     async def mark_fired(self, bid: str) -> None:
         """A callback of the batch was enqueued: nothing may join it ever again."""
+
+    async def touch(self, bid: str) -> None:
+        """The batch was seen again: a committed record starts its retention anew."""
+
+    def on_seal(self, listener: SealListener) -> None:
+        """Call `listener(bid)` when any gateway begins committing bid (best effort: renewals
+        carry the same news when a notification is lost)."""
 
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
         """Worker `wid` fetched job `jid`, which belongs to (or is a callback of a child of) `bids`."""

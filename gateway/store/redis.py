@@ -1,11 +1,16 @@
 """The shared ledger in Redis, for any number of gateways.
 
-Keys (prefix configurable, `fgw:` by default); the two keys of one batch share the hash tag
-`{<bid>}` so that each Lua script touches one Redis Cluster slot:
+Keys (prefix configurable, `fgw:` by default); the keys of one batch share the hash tag `{<bid>}`
+so that each Lua script touches one Redis Cluster slot:
 
-- `<prefix>{<bid>}:state`    string: open | committing | committed | fired, with a TTL
-- `<prefix>{<bid>}:leases`   sorted set: lease token -> expiry (Redis's clock, ms)
-- `<prefix>{wid:<wid>}:held` hash: jid -> "<expiry ms> <bid> [<bid>]" (mode member-reopen)
+- `<prefix>{<bid>}:state`     string: open | committing | committed | fired, with a TTL
+- `<prefix>{<bid>}:leases`    sorted set: gateway id -> lease expiry (Redis's clock, ms)
+- `<prefix>{<bid>}:attempts`  sorted set: commit attempt ('w:' waiting, 's:' sent) -> expiry
+- `<prefix>{wid:<wid>}:held`  hash: jid -> "<expiry ms> <bid> [<bid>]" (mode member-reopen)
+- channel `<prefix>seal`      a bid, published when a commit seals it (works on Cluster too:
+                              PUBLISH reaches every node's subscribers)
+
+Every script starts with lua/prelude.lua, which reads a batch's state the same way everywhere.
 
 URLs: `redis://[[user]:pw@]host:port/db`, `rediss://...` (TLS), `unix:///path?db=N`,
 `redis+sentinel://[:pw@]h1:26379,h2:26379/<service>[/<db>]`, `redis+cluster://host:port`.
@@ -15,42 +20,62 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from importlib import resources
 
-from . import COMMITTED, COMMITTING, FIRED, OPEN, OPEN_TTL, UNKNOWN, StoreError
-from .wire import ReplyError, WireError, connect
+from . import (
+    COMMITTED,
+    FIRED,
+    OPEN,
+    OPEN_TTL,
+    BatchState,
+    LeaseReply,
+    SealListener,
+    StoreError,
+)
+from .wire import ReplyError, Subscriber, WireError, connect
+
+log = logging.getLogger("gateway.store")
 
 TIMEOUT = 2.0  # seconds for one round trip: a slow Redis must fail fast, inside clients' 5 s budget
+_PRELUDE = resources.files("gateway.store").joinpath("lua/prelude.lua").read_text()
 
 
 class _Script:
     def __init__(self, name: str):
-        self.source = resources.files("gateway.store").joinpath(f"lua/{name}.lua").read_text()
+        body = resources.files("gateway.store").joinpath(f"lua/{name}.lua").read_text()
+        self.source = _PRELUDE + "\n" + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 
-TRANSITION, ADMIT, LIVE_LEASES = _Script("transition"), _Script("admit"), _Script("live_leases")
+STATE, ACQUIRE, RENEW = _Script("state"), _Script("acquire"), _Script("renew")
+BEGIN_COMMIT, COMMIT_GO, FINISH_COMMIT = (
+    _Script("begin_commit"),
+    _Script("commit_go"),
+    _Script("finish_commit"),
+)
+TRANSITION = _Script("transition")
+_EVERY_STATE = ",".join(s.value for s in BatchState)
 
 
 class RedisStore:
-    def __init__(self, url: str, prefix: str, retention: float, lease_ttl: float):
+    def __init__(self, url: str, prefix: str, committed_retention: float, fired_retention: float):
         self.conn = connect(url)
+        self.url = url
         self.prefix = prefix
-        self.retention_ms = int(retention * 1000)
-        self.lease_ttl_ms = int(lease_ttl * 1000)
+        self.channel = f"{prefix}seal"
+        # The lifetimes every script needs, in ms: open/committing, committed, fired.
+        self._lifetimes = (int(OPEN_TTL * 1000), int(committed_retention * 1000), int(fired_retention * 1000))
+        self._listeners: list[SealListener] = []
+        self._subscriber: Subscriber | None = None
 
-    def _state_key(self, bid: str) -> str:
-        return f"{self.prefix}{{{bid}}}:state"
-
-    def _lease_key(self, bid: str) -> str:
-        return f"{self.prefix}{{{bid}}}:leases"
+    def _keys(self, bid: str) -> list[str]:
+        tag = f"{self.prefix}{{{bid}}}"
+        return [f"{tag}:state", f"{tag}:leases", f"{tag}:attempts"]
 
     def _held_key(self, wid: str) -> str:
         return f"{self.prefix}{{wid:{wid}}}:held"
-
-    def _ttl_ms(self, state: str) -> int:
-        return int(OPEN_TTL * 1000) if state in (OPEN, COMMITTING) else self.retention_ms
 
     async def _call(self, *args):
         try:
@@ -62,44 +87,66 @@ class RedisStore:
         except (WireError, OSError) as exc:
             raise StoreError(str(exc) or type(exc).__name__) from exc
 
-    async def _eval(self, script: _Script, keys: list[str], *args):
+    async def _eval(self, script: _Script, bid: str, *args):
+        keys = self._keys(bid)
         try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._call("EVALSHA", script.sha, len(keys), *keys, *self._lifetimes, *args)
         except StoreError as exc:
             if not isinstance(exc.__cause__, ReplyError) or "NOSCRIPT" not in str(exc):
                 raise
             # A restarted (or new) Redis has no scripts yet: EVAL runs and caches it.
-            return await self._call("EVAL", script.source, len(keys), *keys, *args)
+            return await self._call("EVAL", script.source, len(keys), *keys, *self._lifetimes, *args)
 
-    async def _move(self, bid: str, allowed: tuple[str, ...], new: str) -> str:
-        return await self._eval(TRANSITION, [self._state_key(bid)], ",".join(allowed), new, self._ttl_ms(new))
+    async def _move(self, bid: str, allowed: str, new: BatchState) -> BatchState:
+        return BatchState(await self._eval(TRANSITION, bid, allowed, new.value))
 
-    async def create(self, bid: str, state: str = OPEN) -> None:
-        await self._call("SET", self._state_key(bid), state, "PX", self._ttl_ms(state), "NX")
+    async def create(self, bid: str, state: BatchState = OPEN) -> None:
+        ttl = self._lifetimes[{COMMITTED: 1, FIRED: 2}.get(state, 0)]
+        await self._call("SET", self._keys(bid)[0], state.value, "PX", ttl, "NX")
 
-    async def state(self, bid: str) -> str:
-        return await self._call("GET", self._state_key(bid)) or UNKNOWN
+    async def state(self, bid: str) -> BatchState:
+        return BatchState(await self._eval(STATE, bid))
 
-    async def admit(self, bid: str, token: str) -> str:
-        return await self._eval(ADMIT, [self._state_key(bid), self._lease_key(bid)], token, self.lease_ttl_ms)
+    async def acquire(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+        state, held = await self._eval(ACQUIRE, bid, gateway, int(ttl * 1000))
+        return LeaseReply(BatchState(state), bool(held))
 
-    def release(self, bid: str, token: str) -> None:
-        self.conn.send_only("ZREM", self._lease_key(bid), token)
+    async def renew(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+        state, held = await self._eval(RENEW, bid, gateway, int(ttl * 1000))
+        return LeaseReply(BatchState(state), bool(held))
 
-    async def begin_commit(self, bid: str) -> str:
-        return await self._move(bid, (OPEN, UNKNOWN), COMMITTING)
+    def release(self, bid: str, gateway: str) -> None:
+        self.conn.send_only("ZREM", self._keys(bid)[1], gateway)
 
-    async def live_leases(self, bid: str) -> int:
-        return int(await self._eval(LIVE_LEASES, [self._lease_key(bid)]))
+    async def begin_commit(self, bid: str, attempt: str, ttl: float) -> BatchState:
+        return BatchState(await self._eval(BEGIN_COMMIT, bid, attempt, int(ttl * 1000), self.channel, bid))
 
-    async def finish_commit(self, bid: str, committed: bool) -> None:
-        await self._move(bid, (COMMITTING,), COMMITTED if committed else OPEN)
+    async def commit_go(self, bid: str, attempt: str, ttl: float) -> bool:
+        return bool(await self._eval(COMMIT_GO, bid, attempt, int(ttl * 1000), self.channel, bid))
 
-    async def reopen(self, bid: str) -> str:
-        return await self._move(bid, (COMMITTED,), OPEN)
+    async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
+        return BatchState(await self._eval(FINISH_COMMIT, bid, attempt, "1" if committed else "0"))
+
+    async def reopen(self, bid: str) -> BatchState:
+        return await self._move(bid, COMMITTED.value, OPEN)
 
     async def mark_fired(self, bid: str) -> None:
-        await self._call("SET", self._state_key(bid), FIRED, "PX", self.retention_ms)
+        await self._move(bid, _EVERY_STATE, FIRED)
+
+    async def touch(self, bid: str) -> None:
+        await self._move(bid, COMMITTED.value, COMMITTED)
+
+    def on_seal(self, listener: SealListener) -> None:
+        """Listen on the seal channel from a connection of its own (a subscribed connection can
+        send nothing else). Started on first use, from inside the event loop."""
+        self._listeners.append(listener)
+        if self._subscriber is None:
+            self._subscriber = Subscriber(self.url, self.channel, self._sealed)
+            self._subscriber.start()
+
+    def _sealed(self, bid: str) -> None:
+        for listener in self._listeners:
+            listener(bid)
 
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
         key, ttl_ms = self._held_key(wid), int(ttl * 1000)
@@ -129,4 +176,6 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._subscriber is not None:
+            await self._subscriber.close()
         await self.conn.close()

@@ -11,8 +11,10 @@ master behind Sentinel, and serves Redis Cluster, whose slot routing is not wort
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -20,6 +22,7 @@ import hiredis
 from ..config import redact_url
 
 CONNECT_TIMEOUT = 2.0
+log = logging.getLogger("gateway.store")
 
 
 class WireError(Exception):
@@ -38,6 +41,8 @@ class _Pipe(asyncio.Protocol):
         self.waiters: deque[asyncio.Future] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.closed = asyncio.get_running_loop().create_future()
+        self.on_push: Callable[[object], None] | None = None  # a subscribed connection's messages
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -45,6 +50,9 @@ class _Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
+            if not self.waiters and self.on_push is not None:
+                self.on_push(reply)
+                continue
             waiter = self.waiters.popleft()
             if waiter.done():  # its caller timed out; the reply still had to be consumed
                 continue
@@ -55,6 +63,8 @@ class _Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if not self.closed.done():
+            self.closed.set_result(None)
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -186,6 +196,49 @@ class ClusterConnection:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class Subscriber:
+    """Listens on one pub/sub channel from a connection of its own, and dials again when it drops.
+
+    Messages are best effort by nature (one sent while the connection was down is lost); the
+    ledger never depends on them for safety, only for promptness.
+    """
+
+    def __init__(self, url: str, channel: str, on_message: Callable[[str], None]):
+        if urlsplit(url).scheme == "redis+cluster":
+            # PUBLISH on a cluster reaches the subscribers of every node: any node will do.
+            url = url.replace("redis+cluster://", "redis://", 1)
+        self.dialer = PipelinedConnection(url)
+        self.channel = channel
+        self.on_message = on_message
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    def _push(self, reply: object) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message":
+            self.on_message(reply[2])
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                pipe = await self.dialer._connect()
+                pipe.on_push = self._push
+                await pipe.send(("SUBSCRIBE", self.channel))
+                delay = 0.1
+                await pipe.closed
+            except (WireError, OSError, ReplyError) as exc:
+                log.debug("seal subscription failed; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.dialer.close()
 
 
 _detached: set[asyncio.Task] = set()

@@ -1,0 +1,8 @@
+-- Begin (or join) a commit: seal the batch and register the attempt.
+-- ARGV[4] attempt id, ARGV[5] attempt time to live in ms, ARGV[6] channel, ARGV[7] bid.
+-- Returns the state before; committed and fired batches are left alone (a repeated commit).
+local before = current()
+if before == 'open' or before == 'unknown' or before == 'committing' then
+  seal(ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7])
+end
+return before

@@ -1,0 +1,2 @@
+-- The batch's state (abandoned commits resolved on the way).
+return current()
