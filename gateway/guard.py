@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable
 
@@ -39,11 +40,20 @@ from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, Stor
 log = logging.getLogger("gateway.guard")
 
 TOUCH_EVERY = 3600.0  # a committed record is refreshed at most this often per batch per gateway
+MEMBER_BID = re.compile(rb'"bid"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
 class BatchGuard:
-    def __init__(self, store: BatchStore, config: Config, metrics: Metrics, fence: Fence | None = None):
+    def __init__(
+        self,
+        store: BatchStore,
+        config: Config,
+        metrics: Metrics,
+        fence: Fence | None = None,
+        clock=time.monotonic,
+    ):
         self.store = store
+        self.clock = clock
         self.config = config
         self.metrics = metrics
         self.fence = fence or Fence(store, metrics)
@@ -157,14 +167,19 @@ class BatchGuard:
         await self._store("create", self.store.create(bid, OPEN))
         return OPEN
 
-    async def _touch(self, bid: str) -> None:
-        now = time.monotonic()
+    def _touch_due(self, bid: str) -> bool:
+        """A committed batch seen again restarts its retention; at most once per TOUCH_EVERY."""
+        now = self.clock()
         if now - self._touched.get(bid, -TOUCH_EVERY) < TOUCH_EVERY:
-            return
+            return False
         if len(self._touched) > 100_000:
             self._touched.clear()
         self._touched[bid] = now
-        await self._quietly("touch", self.store.touch(bid))
+        return True
+
+    async def _touch(self, bid: str) -> None:
+        if self._touch_due(bid):
+            await self._quietly("touch", self.store.touch(bid))
 
     def _forward_admitted(
         self, command: Command, client: Client, bid: str, nest: bool, on_reply=None, data: bytes | None = None
@@ -371,9 +386,19 @@ class BatchGuard:
         payload = reply.payload
         if not payload or reply.kind != DOLLAR:
             return reply.raw
-        if b'"_bid"' not in payload and not (self.config.mode == MEMBER_REOPEN and b'bid"' in payload):
-            return reply.raw
-        return self._learn_from_job(reply, client)
+        if b'"_bid"' in payload or (self.config.mode == MEMBER_REOPEN and b'bid"' in payload):
+            return self._learn_from_job(reply, client)
+        if b'"bid"' in payload:
+            # A member job fetched again (a retry, say): its batch is alive, and if committed it
+            # must stay sealed. Found without decoding: a wrong guess only refreshes a record.
+            member = MEMBER_BID.search(payload)
+            if member is not None and self._touch_due(bid := member.group(1).decode()):
+                return self._refreshed(bid, reply)
+        return reply.raw
+
+    async def _refreshed(self, bid: str, reply: Reply) -> bytes:
+        await self._quietly("touch", self.store.touch(bid))
+        return reply.raw
 
     async def _learn_from_job(self, reply: Reply, client: Client) -> bytes:
         try:

@@ -1,0 +1,328 @@
+"""Playbooks for the batch rules: the guard and the fence over the in-process ledger, no sockets.
+
+Each test feeds commands and server replies to the guard as a session would, and asserts the
+decisions that come out (forward, with or without an admission ticket; a refusal) and the ledger's
+state. A `FakeClient` stands in for the session: it says how many commands are unanswered and
+answers the gateway's own `BATCH STATUS` questions from a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+
+import pytest
+
+from gateway import fence as fence_module
+from gateway.config import build
+from gateway.decisions import Forward, Respond
+from gateway.fence import CommitStart, Fence
+from gateway.guard import BatchGuard
+from gateway.metrics import Metrics
+from gateway.protocol import Command, ReplyReader, bulk_reply
+from gateway.store import COMMITTED, FIRED, OPEN, UNKNOWN, StoreError
+from gateway.store.memory import MemoryStore
+
+DAY = 86400.0
+OK = ReplyReader().feed(b"+OK\r\n")[0]
+
+
+def reply_of(raw: bytes):
+    return ReplyReader().feed(raw)[0]
+
+
+class FakeClient:
+    def __init__(self, wid: str | None = None, peer: str = "10.0.0.7:5000"):
+        self.wid = wid
+        self.peer = peer
+        self.pending = 0
+        self._answered = asyncio.Event()
+        self.statuses: dict[str, bytes] = {}  # bid -> the server's raw reply to BATCH STATUS
+        self.asked: list[bytes] = []
+        self.aborted = 0
+
+    def unanswered(self) -> int:
+        return self.pending
+
+    async def all_answered(self) -> None:
+        await self._answered.wait()
+
+    def answer_all(self) -> None:
+        self.pending = 0
+        self._answered.set()
+
+    async def ask_upstream(self, line: bytes):
+        self.asked.append(line)
+        bid = line.split()[-1].decode()
+        return reply_of(self.statuses.get(bid, b"-ERR no such batch " + bid.encode() + b"\r\n"))
+
+    def status(self, bid: str, complete_st: str = "", parent: str | None = None) -> None:
+        body = {"bid": bid, "total": 1, "pending": 1, "complete_st": complete_st, "success_st": ""}
+        if parent:
+            body["parent_bid"] = parent
+        self.statuses[bid] = bulk_reply(json.dumps(body).encode())
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def config(**settings: str):
+    values = {"upstream": "tcp://faktory:7419", **settings}
+    return build([("test", values)])
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(clock):
+    return MemoryStore(45 * DAY, 7 * DAY, clock=clock)
+
+
+@pytest.fixture
+async def guard(store, clock):
+    guard = BatchGuard(store, config(), Metrics(), clock=clock)
+    guard.start()
+    yield guard
+    await guard.close()
+
+
+async def decide(guard: BatchGuard, line: str, client: FakeClient):
+    decision = guard.decide(Command.parse(line.encode() + b"\r\n"), client)
+    return await decision if inspect.isawaitable(decision) else decision
+
+
+def push(bid: str, jid: str = "j1") -> str:
+    return "PUSH " + json.dumps({"jid": jid, "jobtype": "x", "args": [], "custom": {"bid": bid}})
+
+
+async def answer(decision: Forward, reply=OK) -> bytes:
+    """The server answered a forwarded command: the session ends its ticket, runs its handler."""
+    if decision.ticket is not None:
+        decision.ticket.written(lambda: None)
+        decision.ticket.answered()
+    if decision.on_reply is None:
+        return reply.raw
+    outcome = decision.on_reply(reply)
+    return await outcome if inspect.isawaitable(outcome) else outcome
+
+
+async def committed(guard: BatchGuard, store, bid: str, client: FakeClient) -> None:
+    await store.create(bid)
+    decision = await decide(guard, f"BATCH COMMIT {bid}", client)
+    await answer(decision)
+    assert await store.state(bid) == COMMITTED
+
+
+def calls(guard: BatchGuard, operation: str) -> float:
+    return guard.metrics.store_calls.labels(operation)._value.get()
+
+
+async def test_plain_traffic_is_forwarded_untouched(guard):
+    client = FakeClient()
+    for line in ("PUSH " + json.dumps({"jid": "p", "jobtype": "x", "args": []}), "INFO", "BEAT {}"):
+        assert guard.decide(Command.parse(line.encode() + b"\r\n"), client) is None
+
+
+async def test_admission_takes_a_lease_once_then_admits_locally(guard, store):
+    client = FakeClient()
+    await store.create("b-1")
+    first = await decide(guard, push("b-1"), client)
+    assert isinstance(first, Forward) and first.ticket is not None
+    for n in range(20):
+        decision = guard.decide(Command.parse(push("b-1", f"j{n}").encode() + b"\r\n"), client)
+        assert isinstance(decision, Forward) and decision.ticket is not None  # synchronous: no store call
+        await answer(decision)
+    await answer(first)
+    assert calls(guard, "acquire") == 1
+
+
+async def test_pushes_and_children_into_a_committed_batch_are_refused(guard, store):
+    client = FakeClient()
+    await committed(guard, store, "b-1", client)
+    decision = await decide(guard, push("b-1"), client)
+    assert isinstance(decision, Respond) and decision.data.startswith(b"-ERR BATCH_COMMITTED")
+    child = await decide(guard, 'BATCH NEW {"parent_bid":"b-1","success":{"jobtype":"x"}}', client)
+    assert child.data.startswith(b"-ERR PARENT_SEALED")
+
+
+async def test_the_commit_waits_for_a_push_in_flight_and_goes_when_it_is_answered(guard, store):
+    pusher, committer = FakeClient(), FakeClient()
+    await store.create("b-1")
+    admitted = await decide(guard, push("b-1"), pusher)
+    admitted.ticket.written(pusher.abort)
+    commit = asyncio.ensure_future(decide(guard, "BATCH COMMIT b-1", committer))
+    await asyncio.sleep(0.05)
+    assert not commit.done()  # the push is unanswered: the commit must not reach the server
+    refused = await decide(guard, push("b-1", "late"), pusher)
+    assert refused.data.startswith(b"-ERR BATCH_COMMITTED")  # sealed: no new admission
+    admitted.ticket.answered()
+    decision = await asyncio.wait_for(commit, 1)
+    assert isinstance(decision, Forward)
+    await answer(decision)
+    assert await store.state("b-1") == COMMITTED
+
+
+async def test_a_fence_timeout_refuses_the_commit_and_reopens_the_batch(store):
+    guard = BatchGuard(store, config(commit_fence_timeout="100ms"), Metrics())
+    guard.start()
+    try:
+        client = FakeClient()
+        await store.create("b-1")
+        stuck = await decide(guard, push("b-1"), client)  # never answered
+        decision = await decide(guard, "BATCH COMMIT b-1", client)
+        assert decision.data.startswith(b"-ERR COMMIT_FENCE_TIMEOUT")
+        assert await store.state("b-1") == OPEN
+        await answer(stuck)
+        retry = await decide(guard, "BATCH COMMIT b-1", client)
+        assert isinstance(retry, Forward)  # succeeds once the stalled command was answered
+    finally:
+        await guard.close()
+
+
+async def test_overlapping_commits_the_second_ones_ok_seals_the_batch(store):
+    guard = BatchGuard(store, config(commit_fence_timeout="200ms"), Metrics())
+    guard.start()
+    try:
+        pusher, c1, c2 = FakeClient(), FakeClient(), FakeClient()
+        await store.create("b-1")
+        stuck = await decide(guard, push("b-1"), pusher)
+        first = asyncio.ensure_future(decide(guard, "BATCH COMMIT b-1", c1))
+        await asyncio.sleep(0.1)
+        guard.config = config(commit_fence_timeout="2s")
+        second = asyncio.ensure_future(decide(guard, "BATCH COMMIT b-1", c2))
+        assert (await first).data.startswith(b"-ERR COMMIT_FENCE_TIMEOUT")
+        assert (await decide(guard, push("b-1", "j2"), pusher)).data.startswith(b"-ERR BATCH_COMMITTED")
+        await answer(stuck)
+        await answer(await second)
+        assert await store.state("b-1") == COMMITTED
+        assert (await decide(guard, push("b-1", "j3"), pusher)).data.startswith(b"-ERR BATCH_COMMITTED")
+    finally:
+        await guard.close()
+
+
+async def test_admission_waits_until_the_connections_earlier_commands_are_answered(guard, store):
+    client = FakeClient()
+    await store.create("b-1")
+    client.pending = 9  # e.g. nine FETCHes on an empty queue ahead of this PUSH
+    decision = guard.decide(Command.parse(push("b-1").encode() + b"\r\n"), client)
+    assert inspect.isawaitable(decision)
+    task = asyncio.ensure_future(decision)
+    await asyncio.sleep(0.05)
+    assert not task.done() and calls(guard, "acquire") == 0  # not admitted while they wait
+    client.answer_all()
+    admitted = await asyncio.wait_for(task, 1)
+    assert admitted.ticket is not None and admitted.ticket.writable()
+
+
+async def test_a_seal_from_another_gateway_stops_local_admission_at_once(store):
+    ours, theirs = Fence(store, Metrics()), Fence(store, Metrics())
+    ours.start()
+    theirs.start()
+    try:
+        await store.create("b-1")
+        state, ticket = await ours.admit("b-1")
+        ticket.answered()
+        assert ours.admit_locally("b-1") is not None  # the lease admits locally...
+        held = ours.admit_locally("b-1")
+        task = asyncio.ensure_future(theirs.begin_commit("b-1", theirs.new_attempt(), 1.0))
+        await asyncio.sleep(0.01)
+        assert ours.admit_locally("b-1") is None  # ...until the seal is heard
+        ours.admit_locally  # the ticket taken just before the seal still holds the commit:
+        assert not task.done()
+    finally:
+        await ours.close()
+        await theirs.close()
+
+
+async def test_a_lease_that_cannot_be_renewed_resets_its_connections_before_the_deadline(store, monkeypatch):
+    monkeypatch.setattr(fence_module, "VALID_FOR", 0.1)
+    fence = Fence(store, Metrics())
+    await store.create("b-1")
+    state, written = await fence.admit("b-1")
+    client = FakeClient()
+    written.written(client.abort)
+    _, unwritten = await fence.admit("b-1")
+
+    async def down(*args):
+        raise StoreError("redis unreachable")
+
+    monkeypatch.setattr(store, "renew", down)
+    await fence.renew_all()
+    await asyncio.sleep(0.15)
+    assert client.aborted == 1  # the connection carrying the written command was reset
+    assert not unwritten.writable()  # and the one not yet written never will be
+    assert unwritten.unwritable_reply().startswith(b"-ERR STATE_UNAVAILABLE")
+    assert fence.metrics.lease_aborts._value.get() == 1
+
+
+async def test_unknown_batches_are_verified_with_the_server(guard, store):
+    client = FakeClient()
+    client.status("b-old")
+    client.status("b-done", complete_st="1")
+    assert (await decide(guard, push("b-old"), client)).ticket is not None
+    assert await store.state("b-old") == OPEN
+    assert (await decide(guard, push("b-done"), client)).data.startswith(b"-ERR BATCH_CALLBACK_FIRED")
+    assert await store.state("b-done") == FIRED
+    refused = await decide(guard, push("b-none"), client)
+    assert refused.data.startswith(b"-ERR BATCH_UNKNOWN")
+
+
+async def test_shadow_mode_forwards_what_it_would_refuse(store):
+    guard = BatchGuard(store, config(mode="shadow"), Metrics())
+    client = FakeClient()
+    await committed(guard, store, "b-1", client)
+    decision = await decide(guard, push("b-1"), client)
+    assert isinstance(decision, Forward) and decision.ticket is None
+    assert guard.metrics.shadow_refusals.labels("BATCH_COMMITTED")._value.get() == 1
+
+
+async def test_store_errors_follow_on_store_error(store, monkeypatch):
+    async def down(*args):
+        raise StoreError("redis unreachable")
+
+    monkeypatch.setattr(store, "acquire", down)
+    client = FakeClient()
+    rejecting = BatchGuard(store, config(), Metrics())
+    assert (await decide(rejecting, push("b-1"), client)).data.startswith(b"-ERR STATE_UNAVAILABLE")
+    allowing = BatchGuard(store, config(on_store_error="allow"), Metrics())
+    assert isinstance(await decide(allowing, push("b-1"), client), Forward)
+
+
+async def test_a_committed_batch_with_a_failing_job_stays_sealed_for_weeks(clock):
+    """Faktory retries a failing job for about three weeks; the batch must stay sealed that long,
+    even with a retention shorter than that (7 days here), because each retry is seen."""
+    store = MemoryStore(7 * DAY, 7 * DAY, clock=clock)
+    guard = BatchGuard(store, config(), Metrics(), clock=clock)
+    worker, outsider = FakeClient(), FakeClient()
+    await committed(guard, store, "b-1", worker)
+    retry = json.dumps({"jid": "j1", "jobtype": "x", "args": [], "custom": {"bid": "b-1"}}).encode()
+    for _day in range(25):  # each retry of the failing member job is fetched again, and seen
+        clock.now += DAY
+        fetch = await decide(guard, "FETCH default", worker)
+        await answer(fetch, reply_of(bulk_reply(retry)))
+    assert await store.state("b-1") == COMMITTED
+    refused = await decide(guard, push("b-1", "outsider"), outsider)
+    assert refused.data.startswith(b"-ERR BATCH_COMMITTED")
+
+
+async def test_a_fired_batch_ages_out_after_its_retention(guard, store, clock):
+    client = FakeClient()
+    await committed(guard, store, "b-1", client)
+    client.status("b-1", complete_st="1")
+    status = await decide(guard, "BATCH STATUS b-1", client)
+    await answer(status, await client.ask_upstream(b"BATCH STATUS b-1\r\n"))
+    assert await store.state("b-1") == FIRED
+    clock.now += 8 * DAY
+    assert await store.state("b-1") == UNKNOWN
