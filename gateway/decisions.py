@@ -72,8 +72,9 @@ class Client(Protocol):
     wid: str | None
     peer: str
 
-    def unanswered(self) -> int:
-        """Commands sent upstream on this connection that the server has not answered yet."""
+    def waits_on_server(self) -> bool:
+        """A command that the server may hold for a while (FETCH on an empty queue) was sent on
+        this connection and is not answered yet: anything written now would wait behind it."""
 
     async def all_answered(self) -> None:
         """Wait until every command sent upstream so far was answered."""

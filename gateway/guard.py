@@ -184,9 +184,9 @@ class BatchGuard:
     def _forward_admitted(
         self, command: Command, client: Client, bid: str, nest: bool, on_reply=None, data: bytes | None = None
     ) -> Decision | Awaitable[Decision]:
-        """The fast path: nothing of this connection is unanswered and this gateway's lease on
-        bid admits locally: no store call, no task. Otherwise the full admission."""
-        if not client.unanswered():
+        """The fast path: nothing the server may hold is ahead on this connection and this
+        gateway's lease on bid admits locally: no store call, no task. Otherwise the full admission."""
+        if not client.waits_on_server():
             ticket = self.fence.admit_locally(bid)
             if ticket is not None:
                 return Forward(data or command.raw, on_reply, ticket)
@@ -195,7 +195,7 @@ class BatchGuard:
     async def _admit_and_forward(
         self, command: Command, client: Client, bid: str, nest: bool, on_reply
     ) -> Decision:
-        if client.unanswered():
+        if client.waits_on_server():
             await client.all_answered()
         try:
             state, ticket = await self._admit(bid, client)
@@ -231,7 +231,7 @@ class BatchGuard:
 
     async def _push_bulk_into(self, jobs: list, bids: list, command: Command, client: Client) -> Decision:
         """Admit each batch once; refuse only the jobs whose batch refuses; forward the rest as one PUSHB."""
-        if client.unanswered():
+        if client.waits_on_server():
             await client.all_answered()
         tickets: list[Ticket] = []
         refusals: dict[str, Refusal] = {}

@@ -134,6 +134,7 @@ class Session(asyncio.Protocol):
         self._tasks: set[asyncio.Task] = set()
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._resets_on_close = False
+        self._fetches_owed = 0  # FETCHes sent and unanswered: the server may hold each for seconds
 
     # ------------------------------------------------------------------------------------------
     # Client side
@@ -298,6 +299,8 @@ class Session(asyncio.Protocol):
         slot.sent = perf_counter()
         self.slots.append(slot)
         self.waiting.append(_Owed(slot, on_reply, ticket, linger))
+        if slot.verb == "FETCH":
+            self._fetches_owed += 1
         self.upstream.write(data)
         if ticket is not None:
             ticket.written(self.abort_upstream)
@@ -319,8 +322,8 @@ class Session(asyncio.Protocol):
             self.upstream.abort()
         self.close()
 
-    def unanswered(self) -> int:
-        return len(self.waiting)
+    def waits_on_server(self) -> bool:
+        return self._fetches_owed > 0
 
     async def all_answered(self) -> None:
         if not self.waiting:
@@ -373,6 +376,8 @@ class Session(asyncio.Protocol):
                     owed.future.set_result(reply)
                 continue
             slot.upstream_time = now - slot.sent
+            if slot.verb == "FETCH":
+                self._fetches_owed -= 1
             if reply.kind == MINUS:
                 slot.result = "error"
             if on_reply is None:
