@@ -1,6 +1,6 @@
 """Faults: the Faktory server crashes, the network stalls or breaks, the server talks nonsense, Redis goes away.
 
-Real processes only. What must hold (design.md I6): every command gets the server's reply or the
+Real processes only. What must hold (docs/invariants.md, I6): every command gets the server's reply or the
 gateway's own refusal; when the upstream fails the client sees its connection close, never a made-up
 `+OK`; and the gateway itself carries on serving, without a restart, without leaking.
 

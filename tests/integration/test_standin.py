@@ -1,7 +1,7 @@
 """The Ent batch stand-in (tests/support/standin.py) against the real Faktory OSS server.
 
 The other batch tests trust the stand-in to behave like Faktory Enterprise: these tests pin down
-that behaviour (faktory-protocol.md section 7), including the #465 permissiveness and the audit
+that behaviour (docs/invariants.md, last section), including the #465 permissiveness and the audit
 that the race tests read through `STANDIN REPORT`.
 
 Every test uses queues of its own, so the one Faktory of this module needs no flushing.

@@ -2,7 +2,7 @@
 
 No Ent binary exists for Linux, yet the batch tests need a server that speaks `BATCH`. This one
 answers `BATCH NEW/OPEN/COMMIT/STATUS` itself, fires the callbacks the way Ent does
-(faktory-protocol.md section 7) and forwards every other command to the real server.
+(docs/invariants.md, last section) and forwards every other command to the real server.
 
 It is as permissive as Ent 1.9.4 (contribsys/faktory#465): anyone may reopen a committed batch,
 push into it, hang a child batch under it, or push after a callback fired. The tests need that
