@@ -5,7 +5,7 @@ is for a sidecar in front of a server that no other gateway fronts. Each method 
 `await` in between its reads and writes, which makes it atomic on the event loop.
 
 Scale: a record is one dict entry whose value packs the state and the expiry into one int, and
-expiry is incremental: records are filed in one-second buckets of a wheel, and every call expires
+expiry is incremental: records are filed in one-minute buckets of a wheel, and every call expires
 at most `EXPIRE_PER_CALL` of them. No call ever walks the whole ledger, so a million records cost
 no event-loop stall (bench/ledger.py measures it).
 """
@@ -28,12 +28,16 @@ from . import (
 )
 
 EXPIRE_PER_CALL = 64  # records a call may expire: enough to keep up, never a stall
+BUCKET_MS = 60_000
 _CODES = (OPEN, COMMITTING, COMMITTED, FIRED)
 _CODE = {state: code for code, state in enumerate(_CODES)}
 
 
 class ExpiryWheel:
-    """Keys filed by the second they expire in; `due` hands out at most `limit` of the expired ones.
+    """Keys filed by the minute they expire in; `due` hands out at most `limit` of the expired ones.
+
+    A record is reclaimed up to a minute after it expired (it reads as expired at once: the
+    record's own expiry decides that); coarse buckets keep the wheel small beside the records.
 
     A key filed twice (its record was refreshed) comes out twice: the caller checks the record's
     own expiry before deleting, so a stale filing costs one lookup and nothing else.
@@ -41,20 +45,20 @@ class ExpiryWheel:
 
     def __init__(self) -> None:
         self._buckets: dict[int, list[str]] = {}
-        self._order: list[int] = []  # a heap of the buckets' seconds
+        self._order: list[int] = []  # a heap of the buckets' numbers
 
     def add(self, key: str, expires_ms: int) -> None:
-        second = expires_ms // 1000 + 1  # filed after it expired, never before
-        bucket = self._buckets.get(second)
+        slot = expires_ms // BUCKET_MS + 1  # filed after it expired, never before
+        bucket = self._buckets.get(slot)
         if bucket is None:
-            self._buckets[second] = bucket = []
-            heapq.heappush(self._order, second)
+            self._buckets[slot] = bucket = []
+            heapq.heappush(self._order, slot)
         bucket.append(key)
 
     def due(self, now_ms: int, limit: int) -> list[str]:
         keys: list[str] = []
         order = self._order
-        while order and order[0] * 1000 <= now_ms and len(keys) < limit:
+        while order and order[0] * BUCKET_MS <= now_ms and len(keys) < limit:
             bucket = self._buckets[order[0]]
             take = limit - len(keys)
             keys += bucket[-take:]
