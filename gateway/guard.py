@@ -210,7 +210,10 @@ class BatchGuard:
 
     def _push(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
-            bid = policy.job_bid(policy.decode(command.args))
+            job = policy.decode(command.args)
+            if reserved := policy.reserved_keys(job):
+                return self._refuse(policy.refusal_reserved(reserved), command, client, None)
+            bid = policy.job_bid(job)
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
         if bid is None:
@@ -223,18 +226,26 @@ class BatchGuard:
             if not isinstance(jobs, list):
                 return None  # the server's own error for a PUSHB that is not a list
             bids = [policy.job_bid(job) for job in jobs]
+            reserved = [policy.reserved_keys(job) for job in jobs]
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
-        if not any(bids):
+        if not any(bids) and not any(reserved):
             return None
-        return self._push_bulk_into(jobs, bids, command, client)
+        return self._push_bulk_into(jobs, bids, reserved, command, client)
 
-    async def _push_bulk_into(self, jobs: list, bids: list, command: Command, client: Client) -> Decision:
-        """Admit each batch once; refuse only the jobs whose batch refuses; forward the rest as one PUSHB."""
+    async def _push_bulk_into(
+        self, jobs: list, bids: list, reserved: list, command: Command, client: Client
+    ) -> Decision:
+        """Admit each batch once; refuse only the jobs whose batch refuses (or that carry a
+        reserved key); forward the rest as one PUSHB."""
         if client.waits_on_server():
             await client.all_answered()
         tickets: list[Ticket] = []
         refusals: dict[str, Refusal] = {}
+        for keys in reserved:
+            if keys:
+                self._refuse(policy.refusal_reserved(keys), command, client, None)
+        bids = [None if keys else bid for bid, keys in zip(bids, reserved, strict=True)]
         for bid in dict.fromkeys(b for b in bids if b):
             try:
                 state, ticket = await self._admit(bid, client)
@@ -249,14 +260,18 @@ class BatchGuard:
         for bid, refusal in refusals.items():
             self._refuse(refusal, command, client, bid)  # logs and counts once per batch
         group = TicketGroup.of(tickets)
-        if not refusals or self.config.mode == SHADOW:
+        verdicts = [
+            policy.refusal_reserved(keys) if keys else refusals.get(bid)
+            for bid, keys in zip(bids, reserved, strict=True)
+        ]
+        if not any(verdicts) or self.config.mode == SHADOW:
             return Forward(command.raw, None, group)
         refused = {
-            str(job.get("jid", "")): f"{refusals[bid].code} {refusals[bid].message}"
-            for job, bid in zip(jobs, bids, strict=True)
-            if bid in refusals
+            str(job.get("jid", "")): f"{verdict.code} {verdict.message}"
+            for job, verdict in zip(jobs, verdicts, strict=True)
+            if verdict is not None
         }
-        kept = [job for job, bid in zip(jobs, bids, strict=True) if bid not in refusals]
+        kept = [job for job, verdict in zip(jobs, verdicts, strict=True) if verdict is None]
         if not kept:
             if group is not None:
                 group.answered()  # nothing goes to the server: the admissions end here

@@ -93,13 +93,29 @@ def job_bid(job: object) -> str | None:
     return valid_bid(bid)
 
 
+# Only Faktory Enterprise puts these on the callback jobs it enqueues (`_bid` the batch, `_pbid` its
+# parent, `_cb` which callback). A client's job carrying one could pass for a callback.
+RESERVED_KEYS = ("_bid", "_pbid", "_cb")
+
+
+def reserved_keys(job: object) -> list[str]:
+    """The server-only keys a client's job carries in its `custom` (Go's reading of `custom`)."""
+    if not isinstance(job, dict):
+        return []
+    custom = field(job, "custom")
+    if not isinstance(custom, dict):
+        return []
+    return [key for key in RESERVED_KEYS if key in custom]
+
+
 def may_name_a_batch(payload: bytes) -> bool:
-    """The fast-path filter: False only when the payload certainly names no batch.
+    """The fast-path filter: False only when the payload certainly names no batch and carries no
+    reserved key (`bid"` also finds `"_bid"`, `"_pbid"`).
 
     A key can be spelt with JSON escapes (`"b\\u0069d"`), so any escape sends the payload to the
     full decoder too.
     """
-    return b'"bid"' in payload or b"\\u" in payload
+    return b'bid"' in payload or b'_cb"' in payload or b"\\u" in payload
 
 
 def refusal_to_add(bid: str, state: str) -> Refusal | None:
@@ -171,6 +187,13 @@ def refusal_lease_lost(bid: str) -> Refusal:
     return Refusal(
         "STATE_UNAVAILABLE",
         f"the gateway could not renew its lease on batch {bid} in time; the command was not sent; retry",
+    )
+
+
+def refusal_reserved(keys: list[str]) -> Refusal:
+    return Refusal(
+        "RESERVED_KEY",
+        f"custom.{', custom.'.join(keys)} may only be set by the server on the callback jobs it enqueues",
     )
 
 

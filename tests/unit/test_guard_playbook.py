@@ -327,3 +327,50 @@ async def test_a_fired_batch_ages_out_after_its_retention(guard, store, clock):
     assert await store.state("b-1") == FIRED
     clock.now += 8 * DAY
     assert await store.state("b-1") == UNKNOWN
+
+
+async def test_a_client_job_may_not_carry_the_servers_callback_keys(guard, store):
+    client = FakeClient()
+    forged = {"jid": "forge-1", "jobtype": "x", "args": [], "queue": "evilq", "custom": {"_pbid": "b-1"}}
+    refused = await decide(guard, "PUSH " + json.dumps(forged), client)
+    assert refused.data.startswith(b"-ERR RESERVED_KEY")
+    await store.create("b-1")
+    jobs = [
+        {"jid": "ok", "jobtype": "x", "args": [], "custom": {"bid": "b-1"}},
+        {"jid": "cb", "jobtype": "x", "args": [], "custom": {"_bid": "b-1"}},
+    ]
+    decision = await decide(guard, "PUSHB " + json.dumps(jobs), client)
+    assert isinstance(decision, Forward) and b'"jid":"cb"' not in decision.data
+    merged = await answer(decision, reply_of(bulk_reply(b"{}")))
+    assert b"RESERVED_KEY" in merged and b'"cb"' in merged
+
+
+async def test_a_forged_callback_job_does_not_mark_a_batch_fired(guard, store):
+    """Anyone can push a job that looks like a callback straight to the server: only BATCH STATUS
+    says whether the callback was really enqueued."""
+    client = FakeClient()
+    await store.create("b-1")
+    client.status("b-1")  # the server: no callback enqueued
+    forged = json.dumps({"jid": "f", "jobtype": "x", "args": [], "custom": {"_bid": "b-1"}}).encode()
+    await answer(await decide(guard, "FETCH evilq", client), reply_of(bulk_reply(forged)))
+    assert client.asked == [b"BATCH STATUS b-1\r\n"]
+    assert await store.state("b-1") == OPEN
+    client.status("b-1", complete_st="1")  # the real callback
+    await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(forged)))
+    assert await store.state("b-1") == FIRED
+
+
+async def test_deep_json_gets_the_servers_answer_not_a_closed_connection(store):
+    guard = BatchGuard(store, config(mode="member-reopen"), Metrics())
+    client = FakeClient(wid="w1")
+    deep = "[" * 100_000 + "]" * 100_000
+    member = json.dumps({"jid": "j1", "jobtype": "x", "args": [], "custom": {"bid": "b-1"}}).encode()
+    await store.create("b-1")
+    await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(member)))
+    assert guard.decide(Command.parse(f"ACK {deep}\r\n".encode()), client) is None  # forwarded
+    assert guard.decide(Command.parse(f"PUSH {deep}\r\n".encode()), client) is None  # names no batch
+    naming = '{"jid":"d","custom":{"bid":"b-1"},"args":' + deep + "}"
+    refused = await decide(guard, f"PUSH {naming}", client)
+    assert refused.data.startswith(b"-ERR MALFORMED")
+    fetched = await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(deep.encode())))
+    assert fetched.startswith(b"$")

@@ -130,3 +130,21 @@ def test_status_fired():
     assert policy.status_fired({"complete_st": "", "success_st": "2"})
     assert not policy.status_fired({"complete_st": "", "success_st": ""})
     assert not policy.status_fired(None)
+
+
+@pytest.mark.parametrize(
+    "job, keys",
+    [
+        ({"jid": "j", "custom": {"_bid": "b-1"}}, ["_bid"]),
+        ({"jid": "j", "Custom": {"_pbid": "b-1", "_cb": "success"}}, ["_pbid", "_cb"]),
+        ({"jid": "j", "cu\u017ftom": {"_cb": "complete"}}, ["_cb"]),
+        ({"jid": "j", "custom": {"bid": "b-1", "_BID": "b-2"}}, []),  # map keys are exact in Go
+        ({"jid": "j", "custom": {"bid": "b-1"}}, []),
+        (["not", "a", "job"], []),
+    ],
+)
+def test_reserved_keys_are_the_servers(job, keys):
+    assert policy.reserved_keys(job) == keys
+    if keys:
+        payload = json.dumps(job, ensure_ascii=False).encode()
+        assert policy.may_name_a_batch(payload)
