@@ -134,7 +134,7 @@ class BatchGuard:
 
     def _sealed_refusal(self, bid: str, state: BatchState, nest: bool) -> Refusal:
         if state == UNKNOWN:
-            return policy.refusal_unknown(bid, self.config.unknown_batch)
+            return policy.refusal_unknown(bid)
         return policy.refusal_to_nest(bid, state) if nest else policy.refusal_to_add(bid, state)
 
     # ------------------------------------------------------------------------------------------
@@ -201,9 +201,17 @@ class BatchGuard:
             state, ticket = await self._admit(bid, client)
         except StoreError as exc:
             return self._store_down(bid, command, client, exc)
+        if self._server_answers(state):
+            return Forward(command.raw, on_reply)
         if state != OPEN:
             return self._refuse(self._sealed_refusal(bid, state, nest), command, client, bid)
         return Forward(command.raw, on_reply, ticket)
+
+    def _server_answers(self, state: BatchState) -> bool:
+        """Still unknown after `verify` asked: the server has no such batch. Nothing can join a
+        batch that does not exist, and clients match on the server's own error text ("no such
+        batch"), so the command goes to the server and the client gets its reply."""
+        return state == UNKNOWN and self.config.unknown_batch == "verify"
 
     # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB
@@ -255,7 +263,7 @@ class BatchGuard:
                 continue
             if ticket is not None:
                 tickets.append(ticket)
-            if state != OPEN:
+            if state != OPEN and not self._server_answers(state):
                 refusals[bid] = self._sealed_refusal(bid, state, nest=False)
         for bid, refusal in refusals.items():
             self._refuse(refusal, command, client, bid)  # logs and counts once per batch
@@ -322,7 +330,7 @@ class BatchGuard:
             state = await self._store("state", self.store.state(bid))
             if state == UNKNOWN:
                 state = await self._judge_unknown(bid, client)
-                if state == OPEN:
+                if state == OPEN or self._server_answers(state):
                     return Forward(command.raw)
                 return self._refuse(self._sealed_refusal(bid, state, nest=False), command, client, bid)
             member = False
@@ -353,6 +361,13 @@ class BatchGuard:
         attempt = self.fence.new_attempt()
         timeout = self.config.commit_fence_timeout
         try:
+            if (
+                self.config.unknown_batch == "verify"
+                and await self._store("state", self.store.state(bid)) == UNKNOWN
+            ):
+                _, status = await ask_status(client, bid)
+                if status is None:
+                    return Forward(command.raw)  # no such batch: the server's own error, no record
             start = await self.fence.begin_commit(bid, attempt, timeout)
         except StoreError as exc:
             return self._store_down(bid, command, client, exc)

@@ -164,10 +164,9 @@ def status_fired(status: object) -> bool:
     return isinstance(status, dict) and bool(status.get("complete_st") or status.get("success_st"))
 
 
-def refusal_unknown(bid: str, policy_name: str) -> Refusal:
-    if policy_name == "reject":
-        return Refusal("BATCH_UNKNOWN", f"batch {bid} has no record at the gateway (unknown_batch: reject)")
-    return Refusal("BATCH_UNKNOWN", f"batch {bid} does not exist on the server")
+def refusal_unknown(bid: str) -> Refusal:
+    """`unknown_batch: reject` (under `verify`, a batch the server lacks gets the server's reply)."""
+    return Refusal("BATCH_UNKNOWN", f"batch {bid} has no record at the gateway (unknown_batch: reject)")
 
 
 def refusal_store_down(bid: str) -> Refusal:

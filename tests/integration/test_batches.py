@@ -336,11 +336,47 @@ def test_batches_the_gateway_never_saw(standin, redis_server, unknown_batch):
     finally:
         gateway.stop()
     expected = {
-        "verify": [None, "BATCH_CALLBACK_FIRED", "BATCH_UNKNOWN"],
+        "verify": [None, "BATCH_CALLBACK_FIRED", None],  # no such batch: the server's own reply
         "allow": [None, None, None],
         "reject": ["BATCH_UNKNOWN", "BATCH_UNKNOWN", "BATCH_UNKNOWN"],
     }
     assert outcomes == expected[unknown_batch]
+
+
+def test_a_batch_the_server_does_not_have_gets_the_servers_own_reply(standin, strict):
+    """Clients match on the server's error text (faktory-rs maps "no such batch" to None), so where
+    the server itself refuses, the client must get the server's bytes, not a gateway code."""
+    missing = "b-never-" + uid()
+    lines = [
+        f"BATCH OPEN {missing}",
+        f"BATCH COMMIT {missing}",
+        f"BATCH STATUS {missing}",
+        'BATCH NEW {"parent_bid":"%s","success":{"jobtype":"Done","args":[]}}' % missing,
+        push_line(job("j-" + uid(), queue="nosuch", custom={"bid": missing})),
+        "PUSHB " + json.dumps([job("jb-" + uid(), queue="nosuch", custom={"bid": missing})]),
+    ]
+    with RawClient.connect(standin.url) as direct, RawClient.connect(strict.url) as through:
+        for line in lines:
+            expected = direct.call(line)
+            assert through.call(line) == expected, line
+    assert expected == b"$2\r\n{}\r\n"
+    with RawClient.connect(strict.url) as through:
+        assert through.call(f"BATCH OPEN {missing}") == f"-ERR no such batch {missing}\r\n".encode()
+        # and the gateway recorded nothing for it: a commit is still the server's to refuse
+        assert through.call(f"BATCH COMMIT {missing}").startswith(b"-ERR no such batch")
+
+
+def test_batch_new_naming_a_known_bid_cannot_reset_it(standin, strict):
+    """BATCH NEW with a non-empty bid: the server chooses the bid (the Go client always sends
+    "bid":""); the ledger only records a bid it does not know, so a committed batch stays sealed."""
+    with RawClient.connect(strict.url) as client:
+        sealed = new_batch(client)
+        client.call(f"BATCH COMMIT {sealed}")
+        spec = {"bid": sealed, "success": {"jobtype": "Done", "args": []}}
+        created = client.value("BATCH NEW " + json.dumps(spec)).decode()
+        assert created != sealed
+        assert error_code(client, member(sealed)) == "BATCH_COMMITTED"
+        assert error_code(client, member(created)) is None
 
 
 def test_shadow_mode_forwards_and_counts_what_it_would_refuse(standin):
