@@ -309,3 +309,30 @@ async def test_redis_down_raises_store_error_quickly():
         assert not await store.ping()
     finally:
         await store.close()
+
+
+async def test_redis_keeps_committed_batches_across_restarts_of_redis_and_the_gateway():
+    """A restarted Redis (with its append-only file, as in production) and a new gateway process
+    still know a committed batch, with its retention running; a fired one still ages out."""
+    from tests.support.processes import RedisServer
+
+    server = RedisServer(persistent=True).start()
+    try:
+        before = RedisStore(server.url, "fgw:", 60, FIRED_RETENTION)
+        sealed = await committed_batch(before)
+        fired = await committed_batch(before)
+        await before.mark_fired(fired)
+        await before.close()
+        server.stop()
+        server.start()
+        after = RedisStore(server.url, "fgw:", 60, FIRED_RETENTION)
+        try:
+            assert await after.state(sealed) == COMMITTED
+            assert 50_000 < await after.conn.call("PTTL", f"fgw:{{{sealed}}}:state") <= 60_000
+            assert (await after.acquire(sealed, "g", LEASE)).state == COMMITTED
+            await asyncio.sleep(FIRED_RETENTION)
+            assert await after.state(fired) == UNKNOWN
+        finally:
+            await after.close()
+    finally:
+        server.cleanup()

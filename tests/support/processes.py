@@ -171,9 +171,10 @@ class FaktoryServer(Process):
 
 
 class RedisServer(Process):
-    """Debian's redis-server on a loopback port, with no persistence."""
+    """Debian's redis-server on a loopback port; no persistence unless `persistent` (append-only
+    file in its own directory, so a restart keeps the data, as a production Redis would)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, persistent: bool = False):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-")
         argv = [
@@ -181,7 +182,7 @@ class RedisServer(Process):
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if persistent else "no",
             "--dir", self.dir,
         ]  # fmt: skip
         super().__init__(argv)
