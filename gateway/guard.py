@@ -254,17 +254,22 @@ class BatchGuard:
             if keys:
                 self._refuse(policy.refusal_reserved(keys), command, client, None)
         bids = [None if keys else bid for bid, keys in zip(bids, reserved, strict=True)]
-        for bid in dict.fromkeys(b for b in bids if b):
-            try:
-                state, ticket = await self._admit(bid, client)
-            except StoreError as exc:
-                if (refusal := self._store_failed(bid, client, exc)) is not None:
-                    refusals[bid] = refusal
-                continue
-            if ticket is not None:
-                tickets.append(ticket)
-            if state != OPEN and not self._server_answers(state):
-                refusals[bid] = self._sealed_refusal(bid, state, nest=False)
+        try:
+            for bid in dict.fromkeys(b for b in bids if b):
+                try:
+                    state, ticket = await self._admit(bid, client)
+                except StoreError as exc:
+                    if (refusal := self._store_failed(bid, client, exc)) is not None:
+                        refusals[bid] = refusal
+                    continue
+                if ticket is not None:
+                    tickets.append(ticket)
+                if state != OPEN and not self._server_answers(state):
+                    refusals[bid] = self._sealed_refusal(bid, state, nest=False)
+        except BaseException:  # the connection went away meanwhile: end the admissions taken
+            for ticket in tickets:
+                ticket.answered()
+            raise
         for bid, refusal in refusals.items():
             self._refuse(refusal, command, client, bid)  # logs and counts once per batch
         group = TicketGroup.of(tickets)
