@@ -218,12 +218,11 @@ class BatchGuard:
 
     def _push(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
-            job = policy.decode(command.args)
-            if reserved := policy.reserved_keys(job):
-                return self._refuse(policy.refusal_reserved(reserved), command, client, None)
-            bid = policy.job_bid(job)
+            bid, reserved = policy.read_push(command.args)
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
+        if reserved:
+            return self._refuse(policy.refusal_reserved(reserved), command, client, None)
         if bid is None:
             return None
         return self._forward_admitted(command, client, bid, nest=False)
