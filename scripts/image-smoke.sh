@@ -43,8 +43,15 @@ fi
 # ---- a private dockerd, stopped by its pid whatever happens ------------------------------------
 mkdir -p "$state" "$run"
 export DOCKER_HOST="unix://$run/docker.sock"
-if [ -f "$run/dockerd.pid" ] && kill -0 "$(cat "$run/dockerd.pid")" 2>/dev/null; then
-  fail "a dockerd from an earlier run is still running (pid $(cat "$run/dockerd.pid")); stop it first"
+# A run that was killed may have left its dockerd behind: stop it by its pid, after checking that
+# the pid is that dockerd (its own data root) and not some other process that reused the number.
+if [ -f "$run/dockerd.pid" ] && old=$(cat "$run/dockerd.pid") && kill -0 "$old" 2>/dev/null; then
+  if tr '\0' ' ' <"/proc/$old/cmdline" | grep -q -- "--data-root $state/docker"; then
+    say "stopping the dockerd of an earlier run (pid $old)"
+    kill "$old"
+    for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$old" 2>/dev/null && fail "the dockerd of an earlier run (pid $old) does not stop"
+  fi
 fi
 rm -f "$run/dockerd.pid" "$run/docker.sock"
 dockerd_pid=""
@@ -72,17 +79,27 @@ for _ in $(seq 200); do
   sleep 0.1
 done
 "$docker" version >/dev/null 2>&1 || fail "dockerd did not answer within 20 s"
+# Everything in this private engine is this script's: containers a killed run left behind (the
+# compose stack restarts by itself) go, with their networks and volumes.
+ids=$("$docker" ps -aq)
+[ -z "$ids" ] || "$docker" rm -f $ids >/dev/null
+"$docker" network prune -f >/dev/null
+"$docker" volume prune -f >/dev/null
 say "dockerd $dockerd_pid ready ($((SECONDS - started)) s)"
 
 # ---- the Debian base, made with debootstrap ----------------------------------------------------
 # The official debian:bookworm-slim is also a debootstrap'ed minbase, trimmed of documentation. This
-# one has the same apt sources (bookworm, bookworm-updates, bookworm-security) and the same
-# dpkg path exclusions; it is rebuilt when older than a week, to pick up Debian's updates.
+# one has the same apt sources (bookworm, bookworm-updates, bookworm-security), the same dpkg path
+# exclusions and the same apt settings that keep package caches out of layers. It is rebuilt when
+# older than a week (to pick up Debian's updates) or when this recipe changes (base_recipe).
+base_recipe=2
 mirror=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
 security=${mirror%/debian}/debian-security
 created=$("$docker" image inspect -f '{{.Created}}' "$base" 2>/dev/null || true)
-if [ -z "$created" ] || [ $(( $(date +%s) - $(date -d "$created" +%s) )) -gt 604800 ]; then
+recipe=$("$docker" image inspect -f '{{index .Config.Labels "org.faktory-gateway.ci-base-recipe"}}' "$base" 2>/dev/null || true)
+if [ -z "$created" ] || [ "$recipe" != "$base_recipe" ] \
+   || [ $(( $(date +%s) - $(date -d "$created" +%s) )) -gt 604800 ]; then
   say "making $base with debootstrap from $mirror"
   rootfs=$(mktemp -d /var/tmp/fgw-rootfs.XXXXXX)
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$run/debootstrap.log" 2>&1 \
@@ -109,6 +126,13 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 EXCLUDES
+  cat >"$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APTCLEAN'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+APTCLEAN
+  printf 'APT::AutoRemove::SuggestsImportant "false";\n' >"$rootfs/etc/apt/apt.conf.d/docker-autoremove-suggests"
   find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
   rm -rf "$rootfs"/usr/share/{man,info}/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
     "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/*.log
@@ -117,6 +141,7 @@ EXCLUDES
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["bash"]' \
     --change 'LABEL org.faktory-gateway.ci-base="debootstrap --variant=minbase bookworm"' \
+    --change "LABEL org.faktory-gateway.ci-base-recipe=$base_recipe" \
     - "$base" >/dev/null
   rm -rf "$rootfs"
 fi

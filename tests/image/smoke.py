@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.client import RawClient, job, push_line
+from tests.support.locks import lock_pins, normalize
 from tests.support.processes import FaktoryServer, RedisServer, free_port
 from tests.support.standin import StandinProcess
 
@@ -168,6 +169,28 @@ def check_image_metadata() -> str:
     return f"Python {version}, no pip, {info['Size'] / 1e6:.0f} MB"
 
 
+def check_image_contents() -> str:
+    """The venv holds exactly the locked releases and the gateway: two builds get the same packages."""
+    probe = (
+        "import importlib.metadata as m; print(' '.join(f'{d.name}=={d.version}' for d in m.distributions()))"
+    )
+    installed = docker("run", "--rm", "--entrypoint", "python", IMAGE, "-c", probe).stdout.split()
+    installed = {normalize(name): version for name, version in (item.split("==") for item in installed)}
+    locked = {
+        name: version for name, (version, _) in lock_pins(REPO / "packaging/image-requirements.txt").items()
+    }
+    gateway = installed.pop("faktory-gateway", None)
+    check(gateway, "the gateway is not installed in the image")
+    check(
+        installed == locked,
+        f"the image's packages differ from the lock: {set(installed.items()) ^ set(locked.items())}",
+    )
+    debs = docker(
+        "run", "--rm", "--entrypoint", "dpkg-query", IMAGE, "-W", "-f", "${Package}\n"
+    ).stdout.split()
+    return f"faktory-gateway {gateway} and the {len(locked)} locked packages, {len(debs)} Debian packages"
+
+
 def check_help_and_check_config() -> str:
     result = docker("run", "--rm", "--read-only", IMAGE, "--help")
     check("--upstream" in result.stdout and "--check-config" in result.stdout, "--help lists no --upstream")
@@ -286,6 +309,7 @@ def image_checks() -> tuple[Checks, Callable[[], None], Callable[[], str]]:
     return (
         [
             ("image metadata", check_image_metadata),
+            ("image contents", check_image_contents),
             ("--help and --check-config", check_help_and_check_config),
             ("real Faktory, Redis and the Ent stand-in", start_peers),
             ("gateway in front of Faktory", start("faktory", lambda: faktory.url)),
