@@ -33,7 +33,7 @@ from .holdings import Holdings
 from .metrics import Metrics, counted
 from .policy import MEMBER_REOPEN, SHADOW, Malformed, Refusal
 from .protocol import DOLLAR, Command, Reply, bulk_reply
-from .status import Status
+from .status import Status, absent
 from .status import ask as ask_status
 from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, StoreError
 
@@ -140,27 +140,31 @@ class BatchGuard:
     # ------------------------------------------------------------------------------------------
     # Admission: the commit fence's entry half
 
-    async def _admit(self, bid: str, client: Client) -> tuple[BatchState, Ticket | None]:
+    async def _admit(self, bid: str, client: Client) -> tuple[BatchState | None, Ticket | None]:
         """Admit one command into bid. (OPEN, ticket); (OPEN, None) when `unknown_batch: allow`
-        let an unknown batch through; else (the state that refuses, None). Raises StoreError."""
+        let an unknown batch through; (None, None) when the server has no such batch (its own
+        answer goes to the client); else (the state that refuses, None). Raises StoreError."""
         state, ticket = await self.fence.admit(bid)
         if state == UNKNOWN:
-            state = await self._judge_unknown(bid, client)
-            if state == OPEN and self.config.unknown_batch != "allow":
-                state, ticket = await self.fence.admit(bid)
+            judged = await self._judge_unknown(bid, client)
+            if judged == OPEN and self.config.unknown_batch != "allow":
+                return await self.fence.admit(bid)
+            return judged, None
         if state == COMMITTED:
             await self._touch(bid)  # seen again: it must stay sealed for as long as it can fire
         return state, ticket
 
-    async def _judge_unknown(self, bid: str, client: Client) -> BatchState:
-        """A batch with no record (created before the gateway, or expired): `unknown_batch` decides."""
+    async def _judge_unknown(self, bid: str, client: Client) -> BatchState | None:
+        """A batch with no record (created before the gateway, or expired): `unknown_batch`
+        decides. None: the server says it has no such batch, so nothing can join it and the
+        command goes to the server, whose own error the client gets (clients match on its text)."""
         if self.config.unknown_batch == "allow":
             return OPEN
         if self.config.unknown_batch == "reject":
             return UNKNOWN
-        _, status = await ask_status(client, bid)
+        reply, status = await ask_status(client, bid)
         if status is None:
-            return UNKNOWN  # the server has no such batch
+            return None if absent(reply) else UNKNOWN
         if status.fired:
             await self._store("mark_fired", self.store.mark_fired(bid))
             return FIRED
@@ -201,17 +205,11 @@ class BatchGuard:
             state, ticket = await self._admit(bid, client)
         except StoreError as exc:
             return self._store_down(bid, command, client, exc)
-        if self._server_answers(state):
+        if state is None:  # no such batch: the server's own answer
             return Forward(command.raw, on_reply)
         if state != OPEN:
             return self._refuse(self._sealed_refusal(bid, state, nest), command, client, bid)
         return Forward(command.raw, on_reply, ticket)
-
-    def _server_answers(self, state: BatchState) -> bool:
-        """Still unknown after `verify` asked: the server has no such batch. Nothing can join a
-        batch that does not exist, and clients match on the server's own error text ("no such
-        batch"), so the command goes to the server and the client gets its reply."""
-        return state == UNKNOWN and self.config.unknown_batch == "verify"
 
     # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB
@@ -263,7 +261,7 @@ class BatchGuard:
                     continue
                 if ticket is not None:
                     tickets.append(ticket)
-                if state != OPEN and not self._server_answers(state):
+                if state is not None and state != OPEN:
                     refusals[bid] = self._sealed_refusal(bid, state, nest=False)
         except BaseException:  # the connection went away meanwhile: end the admissions taken
             for ticket in tickets:
@@ -334,7 +332,7 @@ class BatchGuard:
             state = await self._store("state", self.store.state(bid))
             if state == UNKNOWN:
                 state = await self._judge_unknown(bid, client)
-                if state == OPEN or self._server_answers(state):
+                if state is None or state == OPEN:
                     return Forward(command.raw)
                 return self._refuse(self._sealed_refusal(bid, state, nest=False), command, client, bid)
             member = False
@@ -369,8 +367,8 @@ class BatchGuard:
                 self.config.unknown_batch == "verify"
                 and await self._store("state", self.store.state(bid)) == UNKNOWN
             ):
-                _, status = await ask_status(client, bid)
-                if status is None:
+                reply, _ = await ask_status(client, bid)
+                if absent(reply):
                     return Forward(command.raw)  # no such batch: the server's own error, no record
             start = await self.fence.begin_commit(bid, attempt, timeout)
         except StoreError as exc:
