@@ -313,19 +313,23 @@ class BatchGuard:
             spec = policy.decode(payload)
             parent = policy.field(spec, "parent_bid") if isinstance(spec, dict) else None
             parent = policy.valid_bid(parent) if parent else None
+            callbacks = policy.callback_jids(spec) if isinstance(spec, dict) else []
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
-        if parent is None:
-            return Forward(command.raw, self._record_new_batch)
-        return self._forward_admitted(command, client, parent, nest=True, on_reply=self._record_new_batch)
 
-    async def _record_new_batch(self, reply: Reply) -> bytes:
-        if reply.kind == DOLLAR and reply.payload:
-            bid = reply.payload.decode("utf-8", "replace")
-            if policy.BID.fullmatch(bid):
-                # Recorded before the client sees the bid, so its first PUSH finds the record.
-                await self._quietly("create", self.store.create(bid, OPEN))
-        return reply.raw
+        async def record(reply: Reply) -> bytes:
+            if reply.kind == DOLLAR and reply.payload:
+                bid = reply.payload.decode("utf-8", "replace")
+                if policy.BID.fullmatch(bid):
+                    # Recorded before the client sees the bid, so its first PUSH finds the record.
+                    await self._quietly("create", self.store.create(bid, OPEN))
+                    if callbacks:  # what tells a real callback from a copy pushed to the server
+                        await self._quietly("add_callbacks", self.store.add_callbacks(bid, callbacks))
+            return reply.raw
+
+        if parent is None:
+            return Forward(command.raw, record)
+        return self._forward_admitted(command, client, parent, nest=True, on_reply=record)
 
     async def _batch_open(self, bid: str, command: Command, client: Client) -> Decision:
         try:
@@ -441,27 +445,41 @@ class BatchGuard:
         if not isinstance(custom, dict):
             return reply.raw
         callback_of = _valid(custom.get("_bid"))
+        jid = job.get("jid")
         member_of: list[str] = []
         if callback_of:
-            # Anyone can push a job that looks like a callback: only the server's own BATCH STATUS
-            # says whether the callback was enqueued, and who the parent is.
+            # Anyone can push a job that looks like a callback straight to the server: only the
+            # server's own BATCH STATUS says whether the callback was enqueued and who the parent
+            # is, and only the jid its BATCH NEW gave the callback tells the real job from a copy.
             _, status = await ask_status(client, callback_of)
             if status is not None and status.fired:
                 await self._quietly("mark_fired", self.store.mark_fired(callback_of))
                 parent = _valid(custom.get("_pbid"))
-                if parent and parent == status.parent:
+                if (
+                    self.config.mode == MEMBER_REOPEN
+                    and parent
+                    and parent == status.parent
+                    and isinstance(jid, str)
+                    and await self._is_callback(callback_of, jid)
+                ):
                     member_of.append(parent)
         bid = _valid(custom.get("bid"))
         if bid:
             member_of.append(bid)
             await self._touch(bid)
         holder = self._holder(client)
-        jid = job.get("jid")
         if self.config.mode == MEMBER_REOPEN and holder and member_of and isinstance(jid, str):
             reserve = job.get("reserve_for")
             reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
             await self._quietly("hold", self.holdings.fetched(holder, jid, member_of, reserve))
         return reply.raw
+
+    async def _is_callback(self, bid: str, jid: str) -> bool:
+        try:
+            return await self._store("is_callback", self.store.is_callback(bid, jid))
+        except StoreError as exc:  # not proven: no membership (the worker can retry its reopen later)
+            log.warning("store call failed", extra={"operation": "is_callback", "error": str(exc)})
+            return False
 
     def _finished(self, command: Command, client: Client) -> None:
         try:

@@ -140,6 +140,20 @@ def read_push(payload: bytes) -> tuple[str | None, list[str]]:
     return _bid_in(custom), _reserved_in(custom)
 
 
+JID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: it only names a set member
+
+
+def callback_jids(spec: dict) -> list[str]:
+    """The jids a BATCH NEW gives its callback jobs (`success`, `complete`), where it gives any."""
+    jids = []
+    for kind in ("success", "complete"):
+        job = field(spec, kind)
+        jid = job.get("jid") if isinstance(job, dict) else None
+        if isinstance(jid, str) and JID.fullmatch(jid):
+            jids.append(jid)
+    return jids
+
+
 def may_name_a_batch(payload: bytes) -> bool:
     """The fast-path filter: False only when the payload certainly names no batch and carries no
     reserved key (`bid"` also finds `"_bid"`, `"_pbid"`).

@@ -150,7 +150,9 @@ def test_reserved_keys_are_the_servers(job, keys):
         assert policy.may_name_a_batch(payload)
 
 
-_keys = st.sampled_from(["jid", "custom", "Custom", "bid", "_bid", "_pbid", "_cb", "args", "cu\u017ftom", "x"])
+_keys = st.sampled_from(
+    ["jid", "custom", "Custom", "bid", "_bid", "_pbid", "_cb", "args", "cu\u017ftom", "x"]
+)
 _values = st.recursive(
     st.none() | st.integers() | st.sampled_from(["", "b-1", "b-2", "b 3"]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
