@@ -97,8 +97,9 @@ def test_forged_pbid_pushed_through_the_gateway_is_refused(member_reopen, standi
     queue = "evilq-" + uid()
     with RawClient.connect(member_reopen.url, wid="attacker-" + uid()) as attacker:
         bid = committed_batch(attacker)
-        line = '{"jid":"forge-1","jobtype":"x","args":[],"queue":"%s","%s":{"%s":"%s"}}'
-        assert error_code(attacker, "PUSH " + line % (queue, custom_key, pbid_key, bid)) == "RESERVED_KEY"
+        line = '{"jid":"forge-%s","jobtype":"x","args":[],"queue":"%s","%s":{"%s":"%s"}}'
+        forged_line = "PUSH " + line % (uid(), queue, custom_key, pbid_key, bid)
+        assert error_code(attacker, forged_line) == "RESERVED_KEY"
         assert_queue_empty(attacker, queue)  # nothing reached the server
         assert error_code(attacker, f"BATCH OPEN {bid}") == "BATCH_COMMITTED"
         assert error_code(attacker, member(bid)) == "BATCH_COMMITTED"
@@ -191,7 +192,7 @@ def test_forged_callback_pushed_past_the_gateway_does_not_fire_the_victim(any_mo
         with worker:
             assert ack(worker, fetched["jid"]) == b"+OK\r\n"
         # The legitimate producer carries on: V is open, its pushes and its commit go through.
-        assert producer.call(member(victim)) == b"+OK\r\n"
+        assert error_code(producer, member(victim)) is None
         assert producer.value(f"BATCH OPEN {victim}").decode() == victim
         assert producer.call(member(victim)) == b"+OK\r\n"
         assert producer.call(f"BATCH COMMIT {victim}") == b"+OK\r\n"
