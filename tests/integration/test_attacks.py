@@ -157,6 +157,37 @@ def test_forged_pbid_pushed_past_the_gateway_grants_no_membership(member_reopen,
     assert record["children_while_committed"] == 0
 
 
+def test_a_forged_copy_of_a_real_child_callback_pushed_past_the_gateway_grants_no_membership(
+    member_reopen, standin
+):
+    """The strongest form of attack 1: B's child C really fired (its success callback is enqueued,
+    BATCH STATUS C says so and names B as parent) while B still runs. A copy of that callback
+    (`_bid` C, `_pbid` B), pushed straight to the server and fetched through the gateway by the
+    attacker, must not make the attacker a member of B: through the gateway that push is refused
+    RESERVED_KEY, and issue 14 asks that jobs pushed past the gateway cannot do what it could."""
+    queue = "copy-" + uid()
+    with RawClient.connect(member_reopen.url, wid="producer-" + uid()) as producer:
+        parent = new_batch(producer, queue=queue + "-pcb")
+        child = new_batch(producer, parent=parent, queue=queue + "-ccb")
+        producer.call(member(child, queue + "-c"))
+        producer.call(member(parent, queue + "-p"))  # stays pending: B does not fire
+        producer.call(f"BATCH COMMIT {child}")
+        assert producer.call(f"BATCH COMMIT {parent}") == b"+OK\r\n"
+        work = producer.json(f"FETCH {queue}-c")
+        assert ack(producer, work["jid"]) == b"+OK\r\n"
+        status = producer.json(f"BATCH STATUS {child}")
+        assert status["success_st"] == "1" and status["parent_bid"] == parent  # C's callback is real
+        assert error_code(producer, f"PUSH {json.dumps(job('c-' + uid(), custom={'_bid': child}))}") == (
+            "RESERVED_KEY"
+        )
+    custom = {"_bid": child, "_pbid": parent, "_cb": "success"}
+    worker, _ = fetch_forged(standin, member_reopen, "evilq-" + uid(), custom, "attacker-" + uid())
+    with worker:
+        assert error_code(worker, f"BATCH OPEN {parent}") == "BATCH_COMMITTED"
+        assert error_code(worker, member(parent)) == "BATCH_COMMITTED"
+    assert report(standin)[parent]["total"] == 1
+
+
 # --- attack 2: forged callbacks mark other batches fired (every mode) ----------------------------
 
 
