@@ -29,7 +29,7 @@ from gateway.store import OPEN
 from gateway.store.memory import MemoryStore
 from tests.unit.test_guard_playbook import DAY, FakeClient, answer, committed, config, reply_of
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODES = {mode: config(mode=mode) for mode in ("strict", "member-reopen", "shadow")}
 ERR_LINE = re.compile(rb"-ERR [A-Z][A-Z_]+ [^\r\n]+\r\n")
 BIDS = ["b-1", "b-2", "b-3", "b-4"]  # committed, open, fired, unknown to the ledger (see `world`)
@@ -400,7 +400,7 @@ STEPS = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     mode=st.sampled_from(list(MODES)),
     steps=st.lists(STEPS, min_size=1, max_size=8),
