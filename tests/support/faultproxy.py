@@ -7,10 +7,20 @@ connection to a target, and can be told, while the test runs, to:
   each chunk into pieces of at most that many bytes, each delayed), in both directions;
 - `stall(direction="both")`: stop forwarding ("up": client to target, "down": target to client);
   bytes already read are held, not dropped, and flow again on `resume()`;
+- `stall_when(marker, direction="up")`: stall only the connections that carry `marker`, from the
+  chunk that contains it on (that chunk is held too); the others flow;
 - `cut_all(rst=True)`: end every current connection on both sides, with a reset (or a FIN);
 - `refuse()`: stop listening, so that new connections are refused (ECONNREFUSED);
 - `resume()`: back to plain forwarding (and listening again after `refuse()`);
 - `stop()`: cut everything and end the proxy's thread.
+
+A client that *resets* its side of a connection (ECONNRESET on the proxy's read) while the proxy
+holds stalled client-to-target bytes of it: those bytes are dropped, never delivered, and the
+target's side is reset too (`dropped` lists them). A network does not deliver a reset connection's
+bytes to the server's application; this is the assumption the gateway's commit fence makes (A2:
+bytes a gateway wrote arrive within MARGIN or, once it reset the connection, never). Bytes held by
+`delay` are in transit and still arrive; a client's orderly close (FIN) still lets held bytes go
+out, then passes the FIN on.
 
 It runs its own asyncio loop in a daemon thread, so blocking test code can drive it:
 
@@ -36,6 +46,8 @@ class _Link:
         self.client = client
         self.target: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.tasks: list[asyncio.Task] = []
+        self.stalled: set[str] = set()  # directions stalled for this link only (stall_when)
+        self.held: dict[str, bytes] = {}  # direction -> bytes read and not forwarded while stalled
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [self.client[1]] + ([self.target[1]] if self.target else [])
@@ -53,7 +65,9 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._flowing: dict[str, asyncio.Event] = {}
+        self._markers: dict[str, list[bytes]] = {d: [] for d in DIRECTIONS}
         self._links: set[_Link] = set()
+        self.dropped: list[bytes] = []  # held client-to-target bytes dropped because the client reset
 
     # --- the API, called from the test's thread ------------------------------------------------
 
@@ -91,12 +105,21 @@ class FaultProxy:
     def stall(self, direction: str = "both") -> None:
         self._run(self._set_flow(direction, False))
 
+    def stall_when(self, marker: bytes, direction: str = "up") -> None:
+        """Stall, in `direction`, each connection on which `marker` passes, from that chunk on."""
+        self._markers[direction].append(marker)
+
+    def held(self, direction: str = "up") -> bytes:
+        """The bytes held (stalled) now in `direction`, all connections together."""
+        return self._run(self._held(direction))
+
     def refuse(self) -> None:
         self._run(self._unlisten())
 
     def resume(self) -> None:
         """Plain forwarding again: no delay, no stall, and listening (on the same port) if refused."""
         self._delay, self._split = 0.0, None
+        self._markers = {d: [] for d in DIRECTIONS}
         self._run(self._set_flow("both", True))
         if self._server is None:
             self._run(self._listen())
@@ -138,9 +161,15 @@ class FaultProxy:
     async def _count(self) -> int:
         return len(self._links)
 
+    async def _held(self, direction: str) -> bytes:
+        return b"".join(link.held.get(direction, b"") for link in self._links)
+
     async def _set_flow(self, direction: str, flowing: bool) -> None:
         for name in DIRECTIONS if direction == "both" else (direction,):
             (self._flowing[name].set if flowing else self._flowing[name].clear)()
+            if flowing:
+                for link in self._links:
+                    link.stalled.discard(name)
 
     async def _cut_all(self, rst: bool) -> int:
         links = list(self._links)
@@ -184,18 +213,21 @@ class FaultProxy:
     async def _pump(
         self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str
     ) -> None:
-        flowing = self._flowing[direction]
         try:
             while data := await reader.read(65536):
+                if any(marker in data for marker in self._markers[direction]):
+                    link.stalled.add(direction)
                 step = self._split or len(data)
                 for offset in range(0, len(data), step):
                     if self._delay:
                         await asyncio.sleep(self._delay)
-                    await flowing.wait()
+                    if not await self._may_flow(link, reader, direction, data[offset:]):
+                        return
                     writer.write(data[offset : offset + step])
                     await writer.drain()
             # An orderly close on one side: pass the FIN on, once what was held has gone out.
-            await flowing.wait()
+            if not await self._may_flow(link, reader, direction, b""):
+                return
             if writer.can_write_eof():
                 writer.write_eof()
         except (OSError, asyncio.IncompleteReadError):
@@ -204,3 +236,22 @@ class FaultProxy:
             return
         if all(task.done() or task is asyncio.current_task() for task in link.tasks):
             self._drop(link, rst=False)
+
+    async def _may_flow(self, link: _Link, reader: asyncio.StreamReader, direction: str, held: bytes) -> bool:
+        """Wait while this direction is stalled. False when the client reset its side meanwhile:
+        the held client-to-target bytes are then dropped and the target's side is reset."""
+        flowing = self._flowing[direction]
+        if flowing.is_set() and direction not in link.stalled:
+            return True
+        link.held[direction] = held
+        try:
+            while not (flowing.is_set() and direction not in link.stalled):
+                if direction == "up" and isinstance(reader.exception(), ConnectionResetError):
+                    if held:
+                        self.dropped.append(held)
+                    self._drop(link, rst=True)
+                    return False
+                await asyncio.sleep(0.02)
+        finally:
+            link.held.pop(direction, None)
+        return True
