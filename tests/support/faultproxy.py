@@ -32,6 +32,7 @@ It runs its own asyncio loop in a daemon thread, so blocking test code can drive
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import threading
@@ -245,13 +246,23 @@ class FaultProxy:
             return True
         link.held[direction] = held
         try:
-            while not (flowing.is_set() and direction not in link.stalled):
-                if direction == "up" and isinstance(reader.exception(), ConnectionResetError):
+            while True:
+                # Checked once more after a resume: a reset that came in just before it, not yet
+                # seen by this loop, must still keep the held bytes from going out.
+                if direction == "up" and self._client_reset(link, reader):
                     if held:
                         self.dropped.append(held)
                     self._drop(link, rst=True)
                     return False
+                if flowing.is_set() and direction not in link.stalled:
+                    return True
                 await asyncio.sleep(0.02)
         finally:
             link.held.pop(direction, None)
-        return True
+
+    @staticmethod
+    def _client_reset(link: _Link, reader: asyncio.StreamReader) -> bool:
+        if isinstance(reader.exception(), ConnectionResetError):
+            return True
+        sock = link.client[1].transport.get_extra_info("socket")
+        return sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
