@@ -19,6 +19,7 @@ import contextlib
 import json
 import re
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -123,8 +124,8 @@ class World:
         self.redis = redis_server
         self.stack = stack
 
-    def proxy(self, port: int | None = None) -> FaultProxy:
-        proxy = FaultProxy(port or self.standin.port).start()
+    def proxy(self, port: int | None = None, **options) -> FaultProxy:
+        proxy = FaultProxy(port or self.standin.port, **options).start()
         self.stack.callback(proxy.stop)
         return proxy
 
@@ -379,6 +380,43 @@ def test_a_gateway_killed_with_a_push_in_flight_lets_nothing_join_late(world):
     record = world.report(bid)
     assert record["joined_while_committed"] == 0 and record["total"] == 0, record
     assert [chunk for chunk in proxy.dropped if held.encode() in chunk], "A's upstream ended without a reset"
+    assert refusals and committed - killed > 1.0, "the commit did not wait for the dead gateway's lease"
+
+
+def send_queue(port: int) -> int:
+    """Bytes in the kernel's send queues of the TCP connections to 127.0.0.1:port, in any state
+    (ss's Send-Q): sent by a process, not yet taken by the other side."""
+    out = subprocess.run(["ss", "-tnH", "dport", f"= :{port}"], capture_output=True, text=True, check=True)
+    return sum(int(line.split()[2]) for line in out.stdout.splitlines())
+
+
+def test_a_gateway_killed_with_a_push_in_its_socket_buffer_lets_nothing_join_late(world):
+    """The same with no proxy magic: the link takes no more bytes (the proxy stops reading, its
+    receive window is small), so a large admitted PUSH sits in gateway A's *kernel send queue* when
+    A is SIGKILLed. A socket closed with SO_LINGER 0 is reset and its queue discarded; closed
+    normally, the orphaned socket would still send the queue, then a FIN, and the PUSH would reach
+    the server once the link takes bytes again: after the commit below."""
+    proxy = world.proxy(rcvbuf=4096)
+    gateway_a, gateway_b = world.gateway(proxy.url), world.gateway()
+    a, committer = world.client(gateway_a), world.client(gateway_b)
+    bid = new_batch(committer)
+    first = "first-" + uid()
+    proxy.stop_reading_after(first.encode())
+    assert call(a, push(bid, first)) == OK  # it passes; from here the link reads nothing from A
+    line = push_line(job("big-" + uid(), args=["x" * 2**18], queue="fence-faults", custom={"bid": bid}))
+    a.send(line.encode() + b"\r\n")
+    wait_until(lambda: send_queue(proxy.port) > 2**17, 10, "the PUSH to sit in gateway A's send queue")
+    queued = send_queue(proxy.port)
+    gateway_a.kill()
+    killed = time.monotonic()
+    time.sleep(0.2)
+    left = send_queue(proxy.port)  # an orphaned socket keeps its queue; a reset one has none
+    committed, refusals = commit_until_ok(committer, bid, LEASE_TTL + 10)
+    proxy.resume()  # the link takes bytes again
+    time.sleep(1.0)
+    record = world.report(bid)
+    assert record["joined_while_committed"] == 0 and record["total"] == 1, (record, queued, left)
+    assert left == 0, f"{left} bytes still queued to the server after the kill ({queued} before)"
     assert refusals and committed - killed > 1.0, "the commit did not wait for the dead gateway's lease"
 
 

@@ -9,6 +9,10 @@ connection to a target, and can be told, while the test runs, to:
   bytes already read are held, not dropped, and flow again on `resume()`;
 - `stall_when(marker, direction="up")`: stall only the connections that carry `marker`, from the
   chunk that contains it on (that chunk is held too); the others flow;
+- `stop_reading_after(marker)`: forward the client-to-target chunk that contains `marker`, then stop
+  *reading* that client: what it sends next stays in the kernel's buffers (this proxy's receive
+  queue, then the sender's send queue), as over a link that does not take bytes; `resume()` reads
+  again. With `FaultProxy(..., rcvbuf=N)` the receive queue is small, so the bytes stay with the sender;
 - `cut_all(rst=True)`: end every current connection on both sides, with a reset (or a FIN);
 - `refuse()`: stop listening, so that new connections are refused (ECONNREFUSED);
 - `resume()`: back to plain forwarding (and listening again after `refuse()`);
@@ -48,6 +52,7 @@ class _Link:
         self.target: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.tasks: list[asyncio.Task] = []
         self.stalled: set[str] = set()  # directions stalled for this link only (stall_when)
+        self.unread = False  # the client's bytes are left unread (stop_reading_after)
         self.held: dict[str, bytes] = {}  # direction -> bytes read and not forwarded while stalled
 
     def writers(self) -> list[asyncio.StreamWriter]:
@@ -55,9 +60,16 @@ class _Link:
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        host: str = "127.0.0.1",
+        rcvbuf: int | None = None,
+    ):
         self.target = (target_host, target_port)
         self.host = host
+        self.rcvbuf = rcvbuf  # SO_RCVBUF of the accepted connections (set on the listener, before listen)
         self.port = 0
         self.accepted = 0  # connections accepted since start
         self._delay = 0.0
@@ -67,6 +79,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._flowing: dict[str, asyncio.Event] = {}
         self._markers: dict[str, list[bytes]] = {d: [] for d in DIRECTIONS}
+        self._unread_after: list[bytes] = []
         self._links: set[_Link] = set()
         self.dropped: list[bytes] = []  # held client-to-target bytes dropped because the client reset
 
@@ -110,6 +123,10 @@ class FaultProxy:
         """Stall, in `direction`, each connection on which `marker` passes, from that chunk on."""
         self._markers[direction].append(marker)
 
+    def stop_reading_after(self, marker: bytes) -> None:
+        """Once `marker` passed from a client, read nothing more from that client until `resume()`."""
+        self._unread_after.append(marker)
+
     def held(self, direction: str = "up") -> bytes:
         """The bytes held (stalled) now in `direction`, all connections together."""
         return self._run(self._held(direction))
@@ -121,6 +138,7 @@ class FaultProxy:
         """Plain forwarding again: no delay, no stall, and listening (on the same port) if refused."""
         self._delay, self._split = 0.0, None
         self._markers = {d: [] for d in DIRECTIONS}
+        self._unread_after = []
         self._run(self._set_flow("both", True))
         if self._server is None:
             self._run(self._listen())
@@ -151,7 +169,14 @@ class FaultProxy:
 
     async def _listen(self) -> None:
         # The same port again after refuse(): SO_REUSEADDR lets it be bound while old ones time-wait.
-        self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        if self.rcvbuf is None:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port, reuse_address=True)
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.bind((self.host, self.port))
+            self._server = await asyncio.start_server(self._accept, sock=sock)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _unlisten(self) -> None:
@@ -171,6 +196,9 @@ class FaultProxy:
             if flowing:
                 for link in self._links:
                     link.stalled.discard(name)
+                    if name == "up" and link.unread:
+                        link.unread = False
+                        link.client[1].transport.resume_reading()
 
     async def _cut_all(self, rst: bool) -> int:
         links = list(self._links)
@@ -226,6 +254,9 @@ class FaultProxy:
                         return
                     writer.write(data[offset : offset + step])
                     await writer.drain()
+                if direction == "up" and any(marker in data for marker in self._unread_after):
+                    link.unread = True
+                    link.client[1].transport.pause_reading()
             # An orderly close on one side: pass the FIN on, once what was held has gone out.
             if not await self._may_flow(link, reader, direction, b""):
                 return
