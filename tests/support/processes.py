@@ -224,7 +224,8 @@ class GatewayProcess(Process):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n" + self.text())
             if time.monotonic() > deadline:
-                raise TimeoutError("gateway did not start:\n" + self.text())
+                status = self.http("/startup") if self.http_status("/startup") else "no answer"
+                raise TimeoutError(f"gateway did not start: /startup {status}\n" + self.text())
             time.sleep(0.05)
         return self
 
