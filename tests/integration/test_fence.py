@@ -41,10 +41,12 @@ def shared_redis(request) -> str:
 
 
 def test_no_job_joins_a_batch_after_its_commit_across_two_gateways(standin, shared_redis):
-    gateways = [GatewayProcess(standin.url, "--redis", shared_redis).start() for _ in range(2)]
+    gateways = [GatewayProcess(standin.url, "--redis", shared_redis) for _ in range(2)]
     refused = accepted = 0
     lock = threading.Lock()
     try:
+        for gateway in gateways:  # inside the try: one that fails to start is stopped too
+            gateway.start()
         pushers = [RawClient.connect(gateways[i % 2].url) for i in range(PUSHERS)]
         creator = RawClient.connect(gateways[0].url)
         committer = RawClient.connect(gateways[1].url)
