@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
+from tests.support.processes import FaktoryServer, GatewayProcess, RedisCluster, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,14 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A real three-master Redis Cluster (redis-server --cluster-enabled yes, redis-cli --cluster create)."""
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()

@@ -225,7 +225,8 @@ class GatewayProcess(Process):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited ({self.proc.returncode}):\n" + self.text())
             if time.monotonic() > deadline:
-                raise TimeoutError("gateway did not start:\n" + self.text())
+                status = self.http("/startup") if self.http_status("/startup") else "no answer"
+                raise TimeoutError(f"gateway did not start: /startup {status}\n" + self.text())
             time.sleep(0.05)
         return self
 
@@ -246,3 +247,64 @@ class GatewayProcess(Process):
     @property
     def url(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
+
+
+class RedisCluster:
+    """A real Redis Cluster of three masters (no replicas) on loopback ports, each node in its own
+    directory, made with `redis-cli --cluster create` as an operator would."""
+
+    def __init__(self, masters: int = 3):
+        self.ports = [free_port() for _ in range(masters)]
+        self.bus_ports = [free_port() for _ in range(masters)]  # not port+10000: that one may be taken
+        self.dir = tempfile.mkdtemp(prefix="redis-cluster-")
+        self.nodes: list[Process] = []
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
+            node_dir = os.path.join(self.dir, str(port))
+            os.mkdir(node_dir)
+            argv = [
+                shutil.which("redis-server") or "redis-server",
+                "--port", str(port),
+                "--cluster-port", str(bus),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", os.path.join(node_dir, f"nodes-{port}.conf"),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", node_dir,
+            ]  # fmt: skip
+            self.nodes.append(Process(argv))
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            node.wait_for_line("Ready to accept connections", timeout=20)
+        cli = shutil.which("redis-cli") or "redis-cli"
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not all(self._state_ok(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        cli = shutil.which("redis-cli") or "redis-cli"
+        info = subprocess.run(
+            [cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10
+        )
+        return "cluster_state:ok" in info.stdout
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
