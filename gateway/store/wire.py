@@ -179,14 +179,18 @@ class ClusterConnection:
         )
 
     async def call(self, *args):
-        from redis.exceptions import RedisError, ResponseError
+        from redis.exceptions import NoScriptError, RedisError, ResponseError
 
         try:
-            return await self.client.execute_command(*args)
+            reply = await self.client.execute_command(*args)
+        except NoScriptError as exc:  # redis-py drops the error code the store looks for
+            raise ReplyError(f"NOSCRIPT {exc}") from exc
         except ResponseError as exc:
             raise ReplyError(str(exc)) from exc
         except RedisError as exc:
             raise WireError(str(exc)) from exc
+        # redis-py answers PING with True where Redis says PONG; the store speaks Redis.
+        return "PONG" if reply is True and args == ("PING",) else reply
 
     def send_only(self, *args) -> None:
         _detach(self.call(*args))
