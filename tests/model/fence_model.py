@@ -28,8 +28,9 @@ Two protocols (``Config.protocol``):
      their upstream connections (RST) before any time passes, and forgets the replies it was owed; it
      also aborts at once on a "lease lost" renewal reply, and first thing on resuming from a pause.
      After an abort it does not release its lease for MARGIN ticks (bytes may still be on the wire).
-  4. release: a gateway with nothing in flight may release its lease (sealed or idle), and then holds
-     no deadline until it acquires again.
+  4. release: a gateway with nothing in flight and nothing more to admit (sealed, or idle) may
+     release its lease, and then holds no deadline until it acquires again. Not within MARGIN of an
+     abort: without that rule the model finds a late push (a reset push still on the wire).
   5. commit: begin (if open or already committing: batch = committing, seal notices to every gateway,
      each delivered late or lost), then one ledger step when no live lease remains: "sent"; the
      commit's delivery to the server is a later step, its +OK reply and the ledger's finish a later
@@ -74,10 +75,28 @@ Assumptions under which the new protocol is checked safe
   times out once sent; recovering it needs BATCH STATUS), legal reopen, renewal scheduling (a
   gateway may renew at any time it has pushes in flight, or never, which covers slow renewals).
 
-Bounds (``Config`` defaults; the tests print the number of states explored)
----------------------------------------------------------------------------
-2 gateways, TTL 3, MARGIN 1, MAX_DELAY 4 (> TTL), time 0..6, 2 pushes, 1 commit attempt (2 in the
-overlapping-commit checks), at most 2 faults per run.
+Bounds (``Config`` defaults; each test prints the number of states explored, pytest -s)
+---------------------------------------------------------------------------------------
+TTL 2, MARGIN 1, MAX_DELAY 3 (> TTL: a live gateway's link may stall longer than a lease), time
+0..4, 2 pushes, 1 commit attempt, at most 1 fault per run, seal notices off. The tests use 1 or 2
+gateways with these or smaller bounds so that the file runs in a few seconds; FENCE_MODEL_DEEP=1 adds
+larger ones. Python explores some 20,000 to 40,000 states a second here; two gateways multiply the
+state space, which is what keeps the CI bounds this small.
+
+Seal notices multiply the state space, so they are off by default and checked in their own, smaller
+configuration (and in the deep run). Without them a gateway still learns of the commit from a
+renewal or acquire reply.
+
+Reductions (sound: they merge states that no step can tell apart): expired leases are dropped (a
+renewal or a commit treats them like absent ones); a deadline already reached is kept only as
+"passed"; a dead gateway keeps only the request Redis may still execute; a push keeps its write time
+only while the network may still deliver it; a request's t0 is dropped once the deadline it would
+give has passed.
+
+Modelling choices that only remove behaviours a real gateway does not have: a gateway asks the
+ledger one request at a time (one Redis connection executes in order); it acquires only while it
+may still admit a push; it releases only when it has nothing in flight and nothing more to admit
+(it is sealed or the model's push budget is spent).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import pytest
 from tests.model.fence_model import Config, Model, Result
 
 ONE_GATEWAY = Config(gateways=("G1",))  # 2 pushes, 1 fault, TTL 2, MARGIN 1, MAX_DELAY 3, t <= 4
-TWO_GATEWAYS = Config(max_pushes=1, max_faults=0)
-WITH_NOTICES = Config(gateways=("G1",), max_time=3, notifications=True)
+TWO_GATEWAYS = Config(max_pushes=1, max_faults=0, max_time=3)
+WITH_NOTICES = Config(gateways=("G1",), max_pushes=1, max_time=3, notifications=True)
 OVERLAPPING_COMMITS = Config(gateways=("G1",), max_pushes=1, max_faults=0, commit_attempts=2)
 
 DEEP = [
@@ -90,7 +90,7 @@ SAFE = {
             "lease-expired",
         },
     ),
-    "seal notices": (WITH_NOTICES, 10_000, {"notice", "released", "abort", "commit-delivered"}),
+    "seal notices": (WITH_NOTICES, 5_000, {"notice", "released", "abort", "commit-delivered"}),
 }
 
 
@@ -135,7 +135,7 @@ def test_new_design_without_abort_is_unsafe():
 
 def test_renewal_failure_is_redundant_given_the_deadline():
     """A renewal that recreates a lost lease is still safe: it arrives after the deadline's abort."""
-    result = check(replace(ONE_GATEWAY, renewal_fails_when_lost=False))
+    result = check(replace(ONE_GATEWAY, max_pushes=1, renewal_fails_when_lost=False))
     assert result.trace is None, result.show()
 
 
