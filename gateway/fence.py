@@ -239,7 +239,11 @@ class Fence:
         self._lose(lease, "the lease could not be renewed before its local deadline")
 
     def _lose(self, lease: _Lease, why: str) -> None:
-        """Nothing admitted under this lease may reach the server any more: reset its connections."""
+        """Nothing admitted under this lease may reach the server any more: reset its connections.
+
+        The lease is never released after this: bytes just reset may still be on the wire for
+        MARGIN (A2), and a release would let a commit go before they are gone (the model in
+        tests/model finds that trace). It lapses in the ledger by itself."""
         lease.lost = True
         if self._leases.get(lease.bid) is lease:
             del self._leases[lease.bid]

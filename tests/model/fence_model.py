@@ -1,4 +1,4 @@
-"""An explicit-state model of the commit fence (design.md section 5, issue 9), checked exhaustively.
+"""An explicit-state model of the commit fence (docs/fence.md), checked exhaustively.
 
 What is modelled
 ----------------
