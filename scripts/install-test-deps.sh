@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, idempotently:
-# redis-server (Debian), the Faktory OSS server (built with `go install` from the Go module proxy),
+# redis-server and haproxy (Debian), the Faktory OSS server (built with `go install` from the Go module proxy),
 # the npm client used by the tests, and this package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq redis-server >/dev/null
+fi
+
+if ! command -v haproxy >/dev/null 2>&1; then
+  echo "== installing haproxy (a reference proxy for bench/run.py)"
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq haproxy >/dev/null
 fi
 
 if [ ! -x .tools/bin/faktory ]; then
