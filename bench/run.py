@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from loadgen import percentiles  # noqa: E402 (bench/ is this script's own folder)
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
 from tests.support.standin import StandinProcess  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
@@ -68,14 +68,6 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry))
     return found
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def set_affinity(pids: list[int], cpus: set[int]) -> None:
