@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadgen import percentiles  # noqa: E402 (bench/ is this script's own folder)
+from lag import LagSampler  # noqa: E402 (bench/ is this script's own folder)
+from loadgen import percentiles  # noqa: E402
 from proxies import HAProxyProcess, RelayProcess  # noqa: E402
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
@@ -40,7 +41,7 @@ from tests.support.standin import StandinProcess  # noqa: E402
 LOADGEN = str(REPO / "bench" / "loadgen.py")
 RESULTS = REPO / "bench" / "results"
 SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "fetch16-1k", "lat-push", "lat-beat", "idle",
-             "batch")  # fmt: skip
+             "loop-lag", "batch")  # fmt: skip
 FETCH_1K_PAYLOAD = 1024  # bytes of padding per job in fetch16-1k: a job of about 1.1 KiB
 PROXIES = ("gateway", "relay", "haproxy")  # the processes a target's commands pass through
 # Issue 10's targets are stated against HAProxy (and the bare relay for CPU); batch's against direct.
@@ -426,6 +427,41 @@ class Bench:
         proc.wait(30)
         return None
 
+    def run_loop_lag(self) -> dict:
+        """The gateway's event-loop lag (bench/lag.py): /liveness probed every 1 ms, idle and under push16."""
+        args = self.args
+        log(
+            f"loop-lag: GET /liveness every 1 ms for {args.duration:g} s, on the idle gateway, then under push16"
+        )
+        idle = LagSampler(self.gateway.http_port, args.duration).start().result()
+        self.flush()
+        spec = {
+            "mode": "push",
+            "url": self.gateway.url,
+            "conns": 16,
+            "warmup": args.warmup,
+            "duration": args.duration + 1.0,
+            "payload": args.payload,
+            "watch": self.watch(),
+            "queue": "bench",
+        }
+        gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True,
+                               cwd=REPO)  # fmt: skip
+        try:
+            time.sleep(args.warmup + 0.5)  # the generator's connections are up and its window is open
+            loaded = LagSampler(self.gateway.http_port, args.duration).start().result()
+            out, _ = gen.communicate(timeout=args.warmup + args.duration + 60)
+        finally:
+            if gen.poll() is None:
+                gen.kill()
+                gen.wait()
+        load = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), {})
+        for name, lag in (("idle", idle), ("push16", loaded)):
+            log(f"  loop-lag {name}: {lag['probes']} probes, p50 {lag.get('p50_us', 0):.0f} µs, "
+                f"p99 {lag.get('p99_us', 0):.0f} µs, max {lag.get('max_us', 0):.0f} µs")  # fmt: skip
+        return {"scenario": "loop-lag", "idle": idle, "push16": loaded,
+                "push16_ops_per_s": load.get("ops_per_s"), "push16_errors": load.get("errors")}  # fmt: skip
+
     # --------------------------------------------------------------------------------------------
     def run_batch(self) -> dict:
         """Issue 3: batch PUSHes through the gateway with a Redis ledger, in front of the Ent stand-in."""
@@ -617,7 +653,7 @@ def report(results: list[dict], meta: dict) -> str:
     lines.append("-" * len(header))
     rows = []
     for r in results:
-        if r["scenario"] == "idle" or r.get("skipped"):
+        if r["scenario"] in ("idle", "loop-lag") or r.get("skipped"):
             continue
         for scenario in [r["batch"], r["plain"]] if r["scenario"] == "batch" else [r]:
             for label in PROXIES:
@@ -661,6 +697,25 @@ def report(results: list[dict], meta: dict) -> str:
             lines.append(f"{r['scenario']:18} {fmt(r.get('vs_haproxy'), '.2f'):>10} {over_s:>22} "
                          f"{fmt(cpu['gateway'], '.1f'):>8} {fmt(cpu['relay'], '.1f'):>8} "
                          f"{fmt(cpu['haproxy'], '.1f'):>8} {fmt(r.get('cpu_vs_relay'), '.2f'):>12}")  # fmt: skip
+
+    for r in results:
+        if r["scenario"] == "loop-lag":
+            lines.append("")
+            lines.append("Gateway event-loop lag: GET /liveness every 1 ms from another process (send to full "
+                         "response), µs")  # fmt: skip
+            header4 = (f"{'load':18} {'probes':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
+                       f"{'>1ms':>5} {'>5ms':>5} {'>20ms':>5} {'prober late max':>15}")  # fmt: skip
+            lines.append(header4)
+            lines.append("-" * len(header4))
+            for name in ("idle", "push16"):
+                lag = r[name]
+                lines.append(f"{name:18} {lag['probes']:7d} {fmt(lag.get('p50_us')):>7} {fmt(lag.get('p99_us')):>7} "
+                             f"{fmt(lag.get('p999_us')):>7} {fmt(lag.get('max_us')):>7} {lag['over_1ms']:5d} "
+                             f"{lag['over_5ms']:5d} {lag['over_20ms']:5d} {lag['late_max_us']:15.0f}")  # fmt: skip
+            if r.get("push16_ops_per_s"):
+                lines.append(
+                    f"  (push16 through the gateway ran at {r['push16_ops_per_s']:.0f} ops/s while probed)"
+                )
 
     lines.append("")
     lines.append("CPU in the measurement windows (cores busy: 1.00 = one core; the machine has "
@@ -810,6 +865,8 @@ def main() -> int:
                 result = bench.run_latency(scenario.split("-")[1])
             elif scenario == "idle":
                 result = bench.run_idle()
+            elif scenario == "loop-lag":
+                result = bench.run_loop_lag()
             else:
                 result = bench.run_batch()
             for r in [result, result.get("batch"), result.get("plain")]:
