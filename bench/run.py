@@ -488,32 +488,35 @@ class Bench:
         return {"scenario": "batch", "batch": batch, "plain": plain}
 
     # --------------------------------------------------------------------------------------------
-    def profile(self, scenario: str, gateway: GatewayProcess | None = None) -> dict:
-        """Profile the gateway while the scenario's gateway load runs (not part of the measurements).
+    def profile(self, scenario: str, gateway: GatewayProcess | None = None, label: str = "gateway") -> dict:
+        """Profile the gateway (or `label`'s process) under the scenario's load (not a measurement).
 
         py-spy gives the Python stacks; `perf` (when present) then splits the process's CPU time
-        between the kernel (socket calls), the interpreter and uvloop.
+        between the kernel (socket calls), the interpreter and uvloop. The process's CPU per command
+        over the same load turns the percentages into microseconds per command.
         """
-        py_spy = shutil.which("py-spy")
+        # py-spy from PATH, or from the virtualenv running this script (.venv/bin/python bench/run.py).
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if not py_spy:
-            return {"skipped": "py-spy not installed (pip install py-spy)"}
+            return {"process": label, "skipped": "py-spy not installed (pip install py-spy)"}
         gateway = gateway or self.gateway
         modes = {"push1": ("push", 1), "push16": ("push", 16), "fetch16": ("fetchack", 16),
                  "batch": ("batchpush", 16)}  # fmt: skip
         mode, conns = modes.get(scenario, ("push", 16))
         RESULTS.mkdir(exist_ok=True)
-        raw = RESULTS / f"profile-{scenario}.txt"
+        raw = RESULTS / f"profile-{scenario}{'' if label == 'gateway' else '-' + label}.txt"
         seconds = max(1, round(self.args.profile_seconds))
         perf_seconds = max(2, seconds // 2)
         perf = shutil.which("perf")
         self.flush()
         if mode == "fetchack":
             self.fill("bench", int(self.fill_rate * (seconds + perf_seconds + 3) * 1.5), self.args.payload)
-        log(f"profile: py-spy on the gateway under {scenario} for {seconds} s" + (
+        log(f"profile: py-spy on the {label} under {scenario} for {seconds} s" + (
             f", then perf for {perf_seconds} s" if perf else ""))  # fmt: skip
         spec = {"mode": mode, "url": gateway.url, "conns": conns, "warmup": 0.5,
                 "duration": seconds + (perf_seconds + 1 if perf else 0) + 1.5, "payload": self.args.payload,
-                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None}  # fmt: skip
+                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None,
+                "watch": {label: [gateway.proc.pid]}}  # fmt: skip
         gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
         time.sleep(0.8)
         pid = str(gateway.proc.pid)
@@ -525,8 +528,9 @@ class Bench:
         split = None
         if perf:
             split = perf_split(perf, pid, perf_seconds, self.tmp / "perf.data")
-        gen.wait(90)
-        gen.stdout.read()
+        out, _ = gen.communicate(timeout=90)
+        load = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), {})
+        cpu_us = load["proc_cpu_s"][label] / load["commands"] * 1e6 if load.get("commands") else None
         if not raw.exists():
             return {"skipped": f"py-spy produced nothing: {spy.stderr.strip()[-500:]}"}
         stacks = Counter()
@@ -544,8 +548,9 @@ class Bench:
                 inclusive[frame] += count
         top_self = [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(25)]
         top_incl = [(frame, round(100 * c / total, 1)) for frame, c in inclusive.most_common(40)]
-        return {"scenario": scenario, "samples": total, "raw": str(raw.relative_to(REPO)),
-                "top_self_pct": top_self, "top_inclusive_pct": top_incl, "perf": split}  # fmt: skip
+        return {"scenario": scenario, "process": label, "samples": total, "raw": str(raw.relative_to(REPO)),
+                "cpu_us_per_cmd": cpu_us, "top_self_pct": top_self, "top_inclusive_pct": top_incl,
+                "perf": split}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -769,6 +774,31 @@ def report(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_text(profile: dict, scenario: str) -> str:
+    """Top functions by self and inclusive time; with the process's CPU per command, µs per command."""
+    label = profile.get("process", "gateway")
+    cpu = profile.get("cpu_us_per_cmd")
+    lines = [f"{label.capitalize()} profile under {profile.get('scenario', scenario)} "
+             f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})"
+             + (f"; {label} CPU {cpu:.1f} µs per command over the same load" if cpu else "")]  # fmt: skip
+
+    def us(pct: float) -> str:
+        return f"{pct * cpu / 100:5.1f} µs" if cpu else ""
+
+    for kind, rows, limit in (("self", "top_self_pct", 20), ("incl", "top_inclusive_pct", 30)):
+        for frame, pct in profile.get(rows, [])[:limit]:
+            lines.append(f"  {kind} {pct:5.1f}% {us(pct)}  {frame}")
+    split = profile.get("perf") or {}
+    if split.get("by_object_pct"):
+        lines.append(f"  perf, the {label}'s CPU by object: "
+                     + ", ".join(f"{o} {p:.1f}%" for o, p in split["by_object_pct"]))  # fmt: skip
+        for sym, pct in split["by_symbol_pct"][:15]:
+            lines.append(f"  perf {pct:5.1f}%  {sym}")
+    elif split.get("error"):
+        lines.append(f"  perf failed: {split['error']}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -877,6 +907,8 @@ def main() -> int:
             profile = bench.profile_result or {"skipped": "the batch scenario did not run"}
         elif args.profile:
             profile = bench.profile(args.profile)
+            if bench.relay is not None:  # the same load through the bare relay, for comparison
+                profile["relay"] = bench.profile(args.profile, bench.relay, "relay")
     finally:
         bench.stop()
     meta = {
@@ -890,23 +922,10 @@ def main() -> int:
     text = report(bench.results, meta)
     print(text)
     if profile:
-        print()
-        print(f"Gateway profile under {profile.get('scenario', args.profile)} "
-              f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})")  # fmt: skip
-        for frame, pct in profile.get("top_self_pct", [])[:20]:
-            print(f"  self {pct:5.1f}%  {frame}")
-        for frame, pct in profile.get("top_inclusive_pct", [])[:30]:
-            print(f"  incl {pct:5.1f}%  {frame}")
-        split = profile.get("perf") or {}
-        if split.get("by_object_pct"):
-            print(
-                "  perf, the gateway's CPU by object: "
-                + ", ".join(f"{o} {p:.1f}%" for o, p in split["by_object_pct"])
-            )
-            for sym, pct in split["by_symbol_pct"][:15]:
-                print(f"  perf {pct:5.1f}%  {sym}")
-        elif split.get("error"):
-            print(f"  perf failed: {split['error']}")
+        for one in (profile, profile.get("relay")):
+            if one:
+                print()
+                print(profile_text(one, args.profile))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = [{"what": w, "target": t, "measured": m, "passed": p} for w, t, m, p in verdicts(bench.results)]
