@@ -308,7 +308,7 @@ class Conn(asyncio.Protocol):
     def start(self) -> None:
         gen = self.gen
         custom = b',"custom":{"bid":"%s"}' % self.bid if self.bid else b""
-        prefix = b"%d-%x" % (os.getpid(), self.index)
+        prefix = b"bench-%d-%x" % (os.getpid(), self.index)  # Faktory refuses jids under 8 characters
         self.tmpl = gen.push_tmpl % (prefix, custom)
         self.state = RUN
         gen.conn_ready()
