@@ -233,6 +233,8 @@ class Bench:
                 if redis_url and label != "direct":
                     spec["watch_redis"] = redis_url
                 out = loadgen(spec)
+                if mode == "fetchack":  # the next windows' queues are sized by the fastest one seen
+                    self.fill_rate = max(self.fill_rate, out["ops_per_s"])
                 acc = per[label]
                 acc["rounds"].append({k: out[k] for k in ("ops_per_s", "commands", "wall_s", "errors")})
                 acc["commands"] += out["commands"]
@@ -319,14 +321,14 @@ class Bench:
 
         def prepare() -> None:
             self.flush()
-            jobs = int(max(20000, self.fill_rate * (args.duration + args.warmup) * 1.5))
+            jobs = int(max(20000, self.fill_rate * (args.duration + args.warmup) * 2))
             self.fill("bench", jobs, payload)
 
         targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
         # Size the queue from a quick direct probe so it cannot run dry.
         self.flush()
         self.fill("bench", 20000, payload)
-        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.3, "duration": 0.5,
+        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.5, "duration": 1.0,
                        "payload": payload, "wid": "bench-probe", "queue": "bench"})  # fmt: skip
         self.fill_rate = max(out["ops_per_s"], 1000.0)
         return self.throughput(
