@@ -793,7 +793,8 @@ def profile_text(profile: dict, scenario: str) -> str:
     split = profile.get("perf") or {}
     if split.get("by_object_pct"):
         lines.append(f"  perf, the {label}'s CPU by object: "
-                     + ", ".join(f"{o} {p:.1f}%" for o, p in split["by_object_pct"]))  # fmt: skip
+                     + ", ".join(f"{o} {p:.1f}%" + (f" ({p * cpu / 100:.1f} µs)" if cpu else "")
+                                 for o, p in split["by_object_pct"]))  # fmt: skip
         for sym, pct in split["by_symbol_pct"][:15]:
             lines.append(f"  perf {pct:5.1f}%  {sym}")
     elif split.get("error"):
