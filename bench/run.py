@@ -649,15 +649,16 @@ def pair(values: dict | None, sign: str = "") -> str:
     return f"{values['p50_us']:{sign}.0f}/{values['p99_us']:{sign}.0f}" if values else "-"
 
 
+def heading(lines: list[str], title: str, header: str) -> None:
+    """A table's title, column header and rule (after a blank line unless it is the first)."""
+    lines.extend(([""] if lines else []) + [title, header, "-" * len(header)])
+
+
 def report(results: list[dict], meta: dict) -> str:
     lines = []
-    header = (f"{'scenario':18} {'direct ops/s':>16} {'proxy ops/s':>16} {'ratio':>6} "
-              f"{'direct p50/p99 µs':>17} {'proxy p50/p99 µs':>16} {'added p50/p99 µs':>16} {'CPU µs/cmd':>10}")  # fmt: skip
-    lines.append(
-        "Each proxy against direct, in the same rounds (rows -relay and -haproxy: the reference proxies)"
-    )
-    lines.append(header)
-    lines.append("-" * len(header))
+    heading(lines, "Each proxy against direct, in the same rounds (rows -relay and -haproxy: the reference proxies)",
+            f"{'scenario':18} {'direct ops/s':>16} {'proxy ops/s':>16} {'ratio':>6} {'direct p50/p99 µs':>17} "
+            f"{'proxy p50/p99 µs':>16} {'added p50/p99 µs':>16} {'CPU µs/cmd':>10}")  # fmt: skip
     rows = []
     for r in results:
         if r["scenario"] in ("idle", "loop-lag") or r.get("skipped"):
@@ -690,13 +691,9 @@ def report(results: list[dict], meta: dict) -> str:
 
     compared = [r for r in results if "haproxy" in r or "relay" in r]
     if compared:
-        lines.append("")
-        lines.append("The gateway against the reference proxies (same rounds; CPU: each proxy process's µs per "
-                     "command it carried)")  # fmt: skip
-        header3 = (f"{'scenario':18} {'gw/HAProxy':>10} {'gw-HAProxy p50/p99 µs':>22} {'gateway':>8} {'relay':>8} "
-                   f"{'HAProxy':>8} {'gw/relay CPU':>12}")  # fmt: skip
-        lines.append(header3)
-        lines.append("-" * len(header3))
+        heading(lines, "The gateway against the reference proxies (same rounds; CPU: each proxy process's µs "
+                "per command it carried)", f"{'scenario':18} {'gw/HAProxy':>10} {'gw-HAProxy p50/p99 µs':>22} "
+                f"{'gateway':>8} {'relay':>8} {'HAProxy':>8} {'gw/relay CPU':>12}")  # fmt: skip
         for r in compared:
             over = r.get("over_haproxy_us")
             over_s = pair(over, "+") if over and r.get("conns") == 1 else "-"
@@ -707,13 +704,9 @@ def report(results: list[dict], meta: dict) -> str:
 
     for r in results:
         if r["scenario"] == "loop-lag":
-            lines.append("")
-            lines.append("Gateway event-loop lag: GET /liveness every 1 ms from another process (send to full "
-                         "response), µs")  # fmt: skip
-            header4 = (f"{'load':18} {'probes':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
-                       f"{'>1ms':>5} {'>5ms':>5} {'>20ms':>5} {'prober late max':>15}")  # fmt: skip
-            lines.append(header4)
-            lines.append("-" * len(header4))
+            heading(lines, "Gateway event-loop lag: GET /liveness every 1 ms from another process (send to full "
+                    "response), µs", f"{'load':18} {'probes':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
+                    f"{'>1ms':>5} {'>5ms':>5} {'>20ms':>5} {'prober late max':>15}")  # fmt: skip
             for name in ("idle", "push16"):
                 lag = r[name]
                 lines.append(f"{name:18} {lag['probes']:7d} {fmt(lag.get('p50_us')):>7} {fmt(lag.get('p99_us')):>7} "
@@ -724,13 +717,9 @@ def report(results: list[dict], meta: dict) -> str:
                     f"  (push16 through the gateway ran at {r['push16_ops_per_s']:.0f} ops/s while probed)"
                 )
 
-    lines.append("")
-    lines.append("CPU in the measurement windows (cores busy: 1.00 = one core; the machine has "
-                 f"{meta['cpus']}); per command in µs")  # fmt: skip
-    header2 = (f"{'scenario':18} {'target':8} {'loadgen':>12} {'proxy':>12} {'faktory+redis':>14} "
-               f"{'machine busy':>12} {'errors':>6}")  # fmt: skip
-    lines.append(header2)
-    lines.append("-" * len(header2))
+    heading(lines, f"CPU in the measurement windows (cores busy: 1.00 = one core; the machine has {meta['cpus']}); "
+            "per command in µs", f"{'scenario':18} {'target':8} {'loadgen':>12} {'proxy':>12} {'faktory+redis':>14} "
+            f"{'machine busy':>12} {'errors':>6}")  # fmt: skip
     for row in rows:
         r, label = row["base"], row["proxy"]
         for target in (["direct"] if label == "gateway" else []) + [label]:
