@@ -10,6 +10,7 @@ S ms; the probes that fall in it queue behind one another, so count the stalls b
 probe count.
 
     python bench/lag.py PORT SECONDS [INTERVAL_S]     # one JSON line on stdout
+    python bench/lag.py --serve PORT                  # a bare aiohttp /liveness on uvloop: the control
 
 or from Python (what bench/run.py's `loop-lag` scenario does):
 
@@ -20,7 +21,10 @@ or from Python (what bench/run.py's `loop-lag` scenario does):
 The prober costs the gateway one small HTTP request per interval (about 1000 a second) and costs
 the machine one more busy process; on 2 cores that takes a little from the load being measured.
 A probe can also be slow because the prober itself was not scheduled: `late_max_us` is the worst
-delay between a probe's planned and actual start, the prober's own lag, for judging that.
+delay between a probe's planned and actual start, the prober's own lag, for judging that. And a
+busy 2-core machine delays any process's wake-up: `--serve` runs a bare aiohttp server on uvloop
+with nothing else on its loop, the same stack as the gateway's probes, so probing it at the same
+time of the same load tells the machine's share of the probe times from the gateway's.
 """
 
 from __future__ import annotations
@@ -143,7 +147,32 @@ class LagSampler:
         raise RuntimeError(f"lag sampler failed ({self.proc.returncode}): {err[-2000:]}")
 
 
+def serve(port: int) -> None:
+    """A bare aiohttp `/liveness` on uvloop, nothing else on its loop: the control for `probe()`."""
+    import asyncio
+
+    import uvloop
+    from aiohttp import web
+
+    async def liveness(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/liveness", liveness)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"serving /liveness on 127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve(int(sys.argv[2]))
+        return
     port, seconds = int(sys.argv[1]), float(sys.argv[2])
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.001
     host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"

@@ -35,10 +35,11 @@ from loadgen import percentiles  # noqa: E402
 from proxies import HAProxyProcess, RelayProcess  # noqa: E402
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer, rss_kib  # noqa: E402
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
 from tests.support.standin import StandinProcess  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
+LAG = str(REPO / "bench" / "lag.py")
 RESULTS = REPO / "bench" / "results"
 SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "fetch16-1k", "lat-push", "lat-beat", "idle",
              "loop-lag", "batch")  # fmt: skip
@@ -430,39 +431,43 @@ class Bench:
         return None
 
     def run_loop_lag(self) -> dict:
-        """The gateway's event-loop lag (bench/lag.py): /liveness probed every 1 ms, idle and under push16."""
+        """The gateway's event-loop lag (bench/lag.py): /liveness probed every 1 ms, idle and under push16.
+
+        Each window is probed twice, the gateway and then a bare aiohttp server (the control: the
+        same HTTP stack with nothing else on its loop), so the machine's share shows apart.
+        """
         args = self.args
-        log(
-            f"loop-lag: GET /liveness every 1 ms for {args.duration:g} s, on the idle gateway, then under push16"
-        )
-        idle = LagSampler(self.gateway.http_port, args.duration).start().result()
-        self.flush()
-        spec = {
-            "mode": "push",
-            "url": self.gateway.url,
-            "conns": 16,
-            "warmup": args.warmup,
-            "duration": args.duration + 1.0,
-            "payload": args.payload,
-            "watch": self.watch(),
-            "queue": "bench",
-        }
-        gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True,
-                               cwd=REPO)  # fmt: skip
+        log(f"loop-lag: GET /liveness every 1 ms, {args.duration:g} s per window: the gateway and a bare aiohttp "
+            "server, idle and under push16 through the gateway")  # fmt: skip
+        control = Process([sys.executable, LAG, "--serve", str(free_port())])
+        control.start()
+        control_port = int(control.wait_for_line("serving /liveness").rsplit(":", 1)[1])
         try:
-            time.sleep(args.warmup + 0.5)  # the generator's connections are up and its window is open
-            loaded = LagSampler(self.gateway.http_port, args.duration).start().result()
-            out, _ = gen.communicate(timeout=args.warmup + args.duration + 60)
+            out = {"idle": LagSampler(self.gateway.http_port, args.duration).start().result(),
+                   "idle-control": LagSampler(control_port, args.duration).start().result()}  # fmt: skip
+            self.flush()
+            spec = {"mode": "push", "url": self.gateway.url, "conns": 16, "warmup": args.warmup,
+                    "duration": 2 * args.duration + 1.5, "payload": args.payload, "watch": self.watch(),
+                    "queue": "bench"}  # fmt: skip
+            gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE,
+                                   text=True, cwd=REPO)  # fmt: skip
+            try:
+                time.sleep(args.warmup + 0.5)  # the generator's connections are up and its window is open
+                out["push16"] = LagSampler(self.gateway.http_port, args.duration).start().result()
+                out["push16-control"] = LagSampler(control_port, args.duration).start().result()
+                stdout, _ = gen.communicate(timeout=args.warmup + 2 * args.duration + 60)
+            finally:
+                if gen.poll() is None:
+                    gen.kill()
+                    gen.wait()
         finally:
-            if gen.poll() is None:
-                gen.kill()
-                gen.wait()
-        load = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), {})
-        for name, lag in (("idle", idle), ("push16", loaded)):
+            control.stop()
+        load = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), {})
+        for name, lag in out.items():
             log(f"  loop-lag {name}: {lag['probes']} probes, p50 {lag.get('p50_us', 0):.0f} µs, "
                 f"p99 {lag.get('p99_us', 0):.0f} µs, max {lag.get('max_us', 0):.0f} µs")  # fmt: skip
-        return {"scenario": "loop-lag", "idle": idle, "push16": loaded,
-                "push16_ops_per_s": load.get("ops_per_s"), "push16_errors": load.get("errors")}  # fmt: skip
+        return {"scenario": "loop-lag", **out, "push16_ops_per_s": load.get("ops_per_s"),
+                "push16_errors": load.get("errors")}  # fmt: skip
 
     # --------------------------------------------------------------------------------------------
     def run_batch(self) -> dict:
@@ -707,15 +712,17 @@ def report(results: list[dict], meta: dict) -> str:
             heading(lines, "Gateway event-loop lag: GET /liveness every 1 ms from another process (send to full "
                     "response), µs", f"{'load':18} {'probes':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
                     f"{'>1ms':>5} {'>5ms':>5} {'>20ms':>5} {'prober late max':>15}")  # fmt: skip
-            for name in ("idle", "push16"):
-                lag = r[name]
+            for name in ("idle", "idle-control", "push16", "push16-control"):
+                lag = r.get(name)
+                if lag is None:
+                    continue
                 lines.append(f"{name:18} {lag['probes']:7d} {fmt(lag.get('p50_us')):>7} {fmt(lag.get('p99_us')):>7} "
                              f"{fmt(lag.get('p999_us')):>7} {fmt(lag.get('max_us')):>7} {lag['over_1ms']:5d} "
                              f"{lag['over_5ms']:5d} {lag['over_20ms']:5d} {lag['late_max_us']:15.0f}")  # fmt: skip
             if r.get("push16_ops_per_s"):
-                lines.append(
-                    f"  (push16 through the gateway ran at {r['push16_ops_per_s']:.0f} ops/s while probed)"
-                )
+                lines.append(f"  (-control: a bare aiohttp server on uvloop probed the same way, in the same "
+                             f"conditions; push16 through the gateway ran at {r['push16_ops_per_s']:.0f} ops/s "
+                             "while probed)")  # fmt: skip
 
     heading(lines, f"CPU in the measurement windows (cores busy: 1.00 = one core; the machine has {meta['cpus']}); "
             "per command in µs", f"{'scenario':18} {'target':8} {'loadgen':>12} {'proxy':>12} {'faktory+redis':>14} "
