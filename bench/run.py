@@ -855,6 +855,7 @@ def main() -> int:
 
     bench = Bench(args)
     started = time.monotonic()
+    load_before = os.getloadavg()
     profile = None
     try:
         bench.start()
@@ -910,6 +911,10 @@ def main() -> int:
                 profile["relay"] = bench.profile(args.profile, bench.relay, "relay")
     finally:
         bench.stop()
+    load_after = os.getloadavg()
+    # Other work on the machine takes the same cores: say how busy it was (1-minute load averages).
+    bench.notes.append(f"load average {load_before[0]:.2f} before the run, {load_after[0]:.2f} after "
+                       f"({os.cpu_count()} CPUs); this run's own processes count too")  # fmt: skip
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - started, 1),
