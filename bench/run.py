@@ -1,6 +1,6 @@
 """Benchmark: the same workloads direct to Faktory and through the gateway, in one run.
 
-    python bench/run.py                       # everything, about 2.5 minutes
+    python bench/run.py                       # everything, about 5 minutes
     python bench/run.py --duration 5 --rounds 4 --scenarios push16,lat-push
     python bench/run.py --profile push16      # also py-spy the gateway under that load afterwards
 
