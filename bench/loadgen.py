@@ -8,8 +8,9 @@ Modes (spec["mode"]):
 - `push`, `fetchack`, `batchpush`: `conns` connections (asyncio + uvloop, one Protocol each), each
   sends one command, waits for its reply, sends the next: nothing is pipelined. After `warmup`
   seconds the window of `duration` seconds opens; only replies inside it are counted and timed.
-- `latency`: one blocking socket per target, serial, alternating between the targets in blocks of
-  `block` commands so that drift hits every target alike; per-command times in the window.
+- `latency`: one blocking connection per target (tests/support/client.py's RawClient), serial,
+  alternating between the targets in blocks of `block` commands so that drift hits every target
+  alike; per-command times in the window.
 - `idle`: open `conns` connections, complete the handshake on each, print `READY n`, wait for a
   line on stdin, close them all.
 
@@ -29,7 +30,12 @@ import socket
 import sys
 import time
 from array import array
+from pathlib import Path
 from urllib.parse import urlsplit
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.support
+
+from tests.support.client import RawClient
 
 perf_counter = time.perf_counter
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -59,21 +65,28 @@ def machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def redis_replies(host: str, port: int, *commands: bytes) -> list[bytes]:
+    """Send inline commands to a Redis server; one reply each (a bulk's body, or the line's text)."""
+    replies: list[bytes] = []
+    with socket.create_connection((host, port), timeout=5) as sock, sock.makefile("rb") as replies_in:
+        sock.sendall(b"".join(c + b"\r\n" for c in commands))
+        for _ in commands:
+            line = replies_in.readline()
+            if not line:
+                raise ConnectionError("Redis closed the connection")
+            if line.startswith(b"$"):
+                length = int(line[1:])
+                replies.append(replies_in.read(length + 2)[:-2] if length >= 0 else b"")
+            else:
+                replies.append(line[1:-2])
+    return replies
+
+
 def redis_commandstats(url: str) -> dict[str, int]:
     parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port or 6379), timeout=5) as sock:
-        sock.sendall(b"INFO commandstats\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            header, _, rest = data.partition(b"\r\n")
-            if header.startswith(b"$") and len(rest) >= int(header[1:]) + 2:
-                break
+    (info,) = redis_replies(parts.hostname, parts.port or 6379, b"INFO commandstats")
     stats = {}
-    for line in data.decode().splitlines():
+    for line in info.decode().splitlines():
         if line.startswith("cmdstat_"):
             name, _, fields = line.partition(":")
             calls = dict(kv.split("=", 1) for kv in fields.split(","))["calls"]
@@ -295,7 +308,7 @@ class Conn(asyncio.Protocol):
     def start(self) -> None:
         gen = self.gen
         custom = b',"custom":{"bid":"%s"}' % self.bid if self.bid else b""
-        prefix = b"%d-%x" % (os.getpid(), self.index)
+        prefix = b"bench-%d-%x" % (os.getpid(), self.index)  # Faktory refuses jids under 8 characters
         self.tmpl = gen.push_tmpl % (prefix, custom)
         self.state = RUN
         gen.conn_ready()
@@ -390,45 +403,18 @@ def percentiles(values) -> dict | None:
 # Latency: serial, blocking sockets, alternating targets
 
 
-class Blocking:
-    def __init__(self, url: str, wid: str | None):
-        parts = urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
-        self.read_reply()
-        self.sock.sendall(hello_line(wid))
-        reply = self.read_reply()
-        if reply != b"+OK\r\n":
-            raise RuntimeError(f"handshake failed: {reply!r}")
-
-    def read_reply(self) -> bytes:
-        buf = self.buf
-        while True:
-            end = buf.find(b"\r\n")
-            if end >= 0:
-                if buf[0] == 36:  # $
-                    length = int(buf[1:end])
-                    stop = end + 2 if length < 0 else end + 4 + length
-                else:
-                    stop = end + 2
-                if len(buf) >= stop:
-                    self.buf = buf[stop:]
-                    return buf[:stop]
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
+def blocking_client(url: str, wid: str | None) -> RawClient:
+    """A handshaken blocking connection for the latency scenarios, Nagle off like the async ones."""
+    client = RawClient.connect(url, wid=wid)
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client
 
 
 def run_latency(spec: dict) -> dict:
     command = spec["command"]
     wid = f"bench-lat-{os.getpid()}"
     targets = spec["targets"]  # {name: url}
-    conns = {name: Blocking(url, wid) for name, url in targets.items()}
+    conns = {name: blocking_client(url, wid) for name, url in targets.items()}
     pad = "x" * spec.get("payload", 100)
     lines = {
         "push": lambda n: (
@@ -461,7 +447,7 @@ def run_latency(spec: dict) -> dict:
         for name in order:
             conn = conns[name]
             sendall = conn.sock.sendall
-            read = conn.read_reply
+            read = conn.read_raw
             record = lat[name].append if start is not None else None
             for _ in range(block):
                 seq += 1

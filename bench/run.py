@@ -1,12 +1,13 @@
 """Benchmark: the same workloads direct to Faktory and through the gateway, in one run.
 
-    python bench/run.py                       # everything, about 2.5 minutes
+    python bench/run.py                       # everything, about 5 minutes
     python bench/run.py --duration 5 --rounds 4 --scenarios push16,lat-push
     python bench/run.py --profile push16      # also py-spy the gateway under that load afterwards
 
-Throughput rounds alternate direct/gateway in ABBA order (D G G D D G ...) so drift hits both
-alike; the latency scenarios alternate per block of commands inside one generator process. The
-load comes from bench/loadgen.py in its own process. See bench/README.md for what the numbers mean.
+Throughput rounds alternate the targets (direct, gateway, bare relay, HAProxy) in ABBA order
+(D G R H H R G D ...) so drift hits all alike; the latency scenarios alternate per block of commands
+inside one generator process. The load comes from bench/loadgen.py in its own process. See
+bench/README.md for what the numbers mean.
 """
 
 from __future__ import annotations
@@ -29,20 +30,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loadgen import percentiles  # noqa: E402 (bench/ is this script's own folder)
+from lag import LagSampler  # noqa: E402 (bench/ is this script's own folder)
+from loadgen import percentiles  # noqa: E402
+from proxies import HAProxyProcess, RelayProcess  # noqa: E402
 
 from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port  # noqa: E402
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
 from tests.support.standin import StandinProcess  # noqa: E402
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
+LAG = str(REPO / "bench" / "lag.py")
 RESULTS = REPO / "bench" / "results"
-SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "lat-push", "lat-beat", "idle", "batch")
+SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "fetch16-1k", "lat-push", "lat-beat", "idle",
+             "loop-lag", "batch")  # fmt: skip
+FETCH_1K_PAYLOAD = 1024  # bytes of padding per job in fetch16-1k: a job of about 1.1 KiB
+PROXIES = ("gateway", "relay", "haproxy")  # the processes a target's commands pass through
+# Issue 10's targets are stated against HAProxy (and the bare relay for CPU); batch's against direct.
 TARGETS = {
-    "push16_ratio": 0.9,
-    "added_p50_us": 100.0,
-    "added_p99_us": 1000.0,
-    "idle_kib_per_conn": 50.0,
+    "push16_vs_haproxy": 0.9,  # gateway ops/s >= 0.9x HAProxy's
+    "push16_cpu_vs_relay": 1.15,  # gateway CPU per command <= 1.15x the relay's
+    "fetch16_vs_haproxy": 0.9,  # fetch16 and fetch16-1k
+    "lat_p50_over_haproxy_us": 15.0,  # gateway p50 <= HAProxy p50 + 15 µs (lat-push, lat-beat)
+    "lat_p99_over_haproxy_us": 100.0,  # gateway p99 <= HAProxy p99 + 100 µs
+    "idle_kib_per_conn": 8.0,
     "batch_ratio": 0.7,
 }
 
@@ -68,14 +78,6 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(entry))
     return found
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def set_affinity(pids: list[int], cpus: set[int]) -> None:
@@ -129,7 +131,8 @@ class Bench:
         self.args = args
         self.faktory: FaktoryServer | None = None
         self.gateway: GatewayProcess | None = None
-        self.relay: Process | None = None
+        self.relay: RelayProcess | None = None
+        self.haproxy: HAProxyProcess | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="fgw-bench-"))
         self.results: list[dict] = []
         self.notes: list[str] = []
@@ -145,27 +148,36 @@ class Bench:
         self.gateway = GatewayProcess(self.faktory.url, *self.args.gateway_flag).start()
         log(f"gateway pid {self.gateway.proc.pid} on {self.gateway.url}")
         if not self.args.no_relay:
-            port = free_port()
-            self.relay = Process([sys.executable, str(REPO / "bench" / "relay.py"), str(port), "127.0.0.1",
-                                  str(self.faktory.port)])  # fmt: skip
-            self.relay.start()
-            self.relay.wait_for_line("relay listening")
-            self.relay.url = f"tcp://127.0.0.1:{port}"
+            self.relay = RelayProcess(self.faktory.port).start()
+            log(f"bare relay pid {self.relay.proc.pid} on {self.relay.url}")
+        if self.args.no_haproxy:
+            pass
+        elif not HAProxyProcess.available():
+            self.notes.append("no haproxy on PATH (scripts/install-test-deps.sh installs it): HAProxy rows "
+                              "and the targets stated against it are skipped")  # fmt: skip
+        else:
+            self.haproxy = HAProxyProcess(self.faktory.port).start()
+            log(f"haproxy pid {self.haproxy.proc.pid} on {self.haproxy.url} (mode tcp, nbthread 1)")
 
     def stop(self) -> None:
-        for process in (self.relay, self.gateway, self.faktory):
+        for process in (self.haproxy, self.relay, self.gateway, self.faktory):
             if process is not None:
                 try:
-                    process.stop()
+                    process.cleanup() if hasattr(process, "cleanup") else process.stop()
                 except Exception as exc:
                     log(f"stopping {process.argv[0]}: {exc}")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def references(self) -> dict[str, str]:
+        """The reference proxies that run: {label: url}, measured beside the gateway."""
+        return {label: p.url for label, p in (("relay", self.relay), ("haproxy", self.haproxy)) if p}
+
     def watch(self, gateway: GatewayProcess | None = None, upstream_pids: list[int] | None = None) -> dict:
         gateway = gateway or self.gateway
         watch = {"gateway": [gateway.proc.pid], "faktory": upstream_pids or self.faktory_pids}
-        if self.relay is not None:
-            watch["relay"] = [self.relay.proc.pid]
+        for label, process in (("relay", self.relay), ("haproxy", self.haproxy)):
+            if process is not None:
+                watch[label] = [process.proc.pid]
         return watch
 
     def flush(self) -> None:
@@ -195,8 +207,10 @@ class Bench:
         prepare=None,
         redis_url: str | None = None,
         extra: dict | None = None,
+        payload: int | None = None,
     ) -> dict:
         """ABBA rounds over `targets` ({label: url}); totals per label."""
+        payload = self.args.payload if payload is None else payload
         args = self.args
         labels = list(targets)
         per: dict[str, dict] = {
@@ -213,13 +227,15 @@ class Bench:
                 lat_file = self.tmp / f"{name}-{label}-{r}.lat"
                 spec = {
                     "mode": mode, "url": targets[label], "conns": conns, "warmup": args.warmup,
-                    "duration": args.duration, "payload": args.payload, "watch": watch, "lat_file": str(lat_file),
+                    "duration": args.duration, "payload": payload, "watch": watch, "lat_file": str(lat_file),
                     "wid": f"bench-{mode}" if mode == "fetchack" else None, "queue": "bench",
                     **(extra or {}),
                 }  # fmt: skip
                 if redis_url and label != "direct":
                     spec["watch_redis"] = redis_url
                 out = loadgen(spec)
+                if mode == "fetchack":  # the next windows' queues are sized by the fastest one seen
+                    self.fill_rate = max(self.fill_rate, out["ops_per_s"])
                 acc = per[label]
                 acc["rounds"].append({k: out[k] for k in ("ops_per_s", "commands", "wall_s", "errors")})
                 acc["commands"] += out["commands"]
@@ -238,12 +254,12 @@ class Bench:
                     lat_file.unlink()
                 log(f"  {name} {label:8} round {r + 1}: {out['ops_per_s']:9.0f} ops/s"
                     f"{'  errors ' + str(out['errors']) if out['errors'] else ''}")  # fmt: skip
-        result = {"scenario": name, "mode": mode, "conns": conns}
+        result = {"scenario": name, "mode": mode, "conns": conns, "payload": payload}
         for label in labels:
             acc = per[label]
             wall = acc["wall_s"]
             cmds = max(acc["commands"], 1)
-            proxy = "relay" if label == "relay" else "gateway"  # the process in the path
+            proxy = label if label in PROXIES else "gateway"  # the process in the path
             result[label] = {
                 "ops_per_s": acc["jobs"] / wall,
                 "commands_per_s": acc["commands"] / wall,
@@ -276,9 +292,7 @@ class Bench:
     def run_push(self, conns: int) -> dict:
         name = f"push{conns}"
         log(f"{name}: PUSH, {conns} producer(s), one command in flight each")
-        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
-        if self.relay is not None and conns > 1:
-            targets["relay"] = self.relay.url
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
         return self.throughput(name, "push", conns, targets, self.watch(), prepare=self.flush)
 
     def run_push_pinned(self, conns: int) -> dict:
@@ -300,36 +314,35 @@ class Bench:
         finally:
             set_affinity([*others, self.gateway.proc.pid], cpus)
 
-    def run_fetch(self, conns: int) -> dict:
-        name = f"fetch{conns}"
-        log(f"{name}: FETCH+ACK, {conns} workers (one job = 2 commands)")
+    def run_fetch(self, conns: int, payload: int | None = None, suffix: str = "") -> dict:
+        name = f"fetch{conns}{suffix}"
+        payload = self.args.payload if payload is None else payload
+        log(f"{name}: FETCH+ACK, {conns} workers (one job = 2 commands), {payload} bytes of padding per job")
         args = self.args
 
         def prepare() -> None:
             self.flush()
-            jobs = int(max(20000, self.fill_rate * (args.duration + args.warmup) * 1.5))
-            self.fill("bench", jobs, args.payload)
+            jobs = int(max(20000, self.fill_rate * (args.duration + args.warmup) * 2))
+            self.fill("bench", jobs, payload)
 
-        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
         # Size the queue from a quick direct probe so it cannot run dry.
-        probe = dict(self.args.__dict__)
         self.flush()
-        self.fill("bench", 20000, args.payload)
-        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.3, "duration": 0.5,
-                       "payload": args.payload, "wid": "bench-probe", "queue": "bench"})  # fmt: skip
+        self.fill("bench", 20000, payload)
+        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.5, "duration": 1.0,
+                       "payload": payload, "wid": "bench-probe", "queue": "bench"})  # fmt: skip
         self.fill_rate = max(out["ops_per_s"], 1000.0)
-        del probe
-        return self.throughput(name, "fetchack", conns, targets, self.watch(), prepare=prepare)
+        return self.throughput(
+            name, "fetchack", conns, targets, self.watch(), prepare=prepare, payload=payload
+        )
 
     def run_latency(self, command: str) -> dict:
         name = f"lat-{command}"
         log(f"{name}: {command.upper()} latency, one connection per target, serial, alternating blocks")
         args = self.args
         self.flush()
-        targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
-        if self.relay is not None:
-            targets["relay"] = self.relay.url
-        # The targets share the window, so each gets about half of it: give it twice the time.
+        targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
+        # The targets share the window, so each gets a share of it: give it that many times the time.
         out = loadgen({"mode": "latency", "command": command, "targets": targets, "warmup": args.warmup,
                        "duration": args.duration * len(targets), "payload": args.payload, "block": 100,
                        "watch": self.watch(), "queue": "bench"})  # fmt: skip
@@ -354,8 +367,14 @@ class Bench:
                 result[label]["gateway_cores"] = proxy_cpu / wall
         d, g = result["direct"]["latency"], result["gateway"]["latency"]
         result["added_us"] = {q: g[q] - d[q] for q in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us")}
-        log(f"  {name}: direct p50 {d['p50_us']:.0f} µs p99 {d['p99_us']:.0f} µs; "
-            f"gateway p50 {g['p50_us']:.0f} µs p99 {g['p99_us']:.0f} µs")  # fmt: skip
+        log(
+            f"  {name}: "
+            + "; ".join(
+                f"{label} p50 {result[label]['latency']['p50_us']:.0f} µs "
+                f"p99 {result[label]['latency']['p99_us']:.0f} µs"
+                for label in targets
+            )
+        )
         return result
 
     def run_idle(self) -> dict:
@@ -411,6 +430,45 @@ class Bench:
         proc.wait(30)
         return None
 
+    def run_loop_lag(self) -> dict:
+        """The gateway's event-loop lag (bench/lag.py): /liveness probed every 1 ms, idle and under push16.
+
+        Each window is probed twice, the gateway and then a bare aiohttp server (the control: the
+        same HTTP stack with nothing else on its loop), so the machine's share shows apart.
+        """
+        args = self.args
+        log(f"loop-lag: GET /liveness every 1 ms, {args.duration:g} s per window: the gateway and a bare aiohttp "
+            "server, idle and under push16 through the gateway")  # fmt: skip
+        control = Process([sys.executable, LAG, "--serve", str(free_port())])
+        control.start()
+        control_port = int(control.wait_for_line("serving /liveness").rsplit(":", 1)[1])
+        try:
+            out = {"idle": LagSampler(self.gateway.http_port, args.duration).start().result(),
+                   "idle-control": LagSampler(control_port, args.duration).start().result()}  # fmt: skip
+            self.flush()
+            spec = {"mode": "push", "url": self.gateway.url, "conns": 16, "warmup": args.warmup,
+                    "duration": 2 * args.duration + 1.5, "payload": args.payload, "watch": self.watch(),
+                    "queue": "bench"}  # fmt: skip
+            gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE,
+                                   text=True, cwd=REPO)  # fmt: skip
+            try:
+                time.sleep(args.warmup + 0.5)  # the generator's connections are up and its window is open
+                out["push16"] = LagSampler(self.gateway.http_port, args.duration).start().result()
+                out["push16-control"] = LagSampler(control_port, args.duration).start().result()
+                stdout, _ = gen.communicate(timeout=args.warmup + 2 * args.duration + 60)
+            finally:
+                if gen.poll() is None:
+                    gen.kill()
+                    gen.wait()
+        finally:
+            control.stop()
+        load = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), {})
+        for name, lag in out.items():
+            log(f"  loop-lag {name}: {lag['probes']} probes, p50 {lag.get('p50_us', 0):.0f} µs, "
+                f"p99 {lag.get('p99_us', 0):.0f} µs, max {lag.get('max_us', 0):.0f} µs")  # fmt: skip
+        return {"scenario": "loop-lag", **out, "push16_ops_per_s": load.get("ops_per_s"),
+                "push16_errors": load.get("errors")}  # fmt: skip
+
     # --------------------------------------------------------------------------------------------
     def run_batch(self) -> dict:
         """Issue 3: batch PUSHes through the gateway with a Redis ledger, in front of the Ent stand-in."""
@@ -437,32 +495,35 @@ class Bench:
         return {"scenario": "batch", "batch": batch, "plain": plain}
 
     # --------------------------------------------------------------------------------------------
-    def profile(self, scenario: str, gateway: GatewayProcess | None = None) -> dict:
-        """Profile the gateway while the scenario's gateway load runs (not part of the measurements).
+    def profile(self, scenario: str, gateway: GatewayProcess | None = None, label: str = "gateway") -> dict:
+        """Profile the gateway (or `label`'s process) under the scenario's load (not a measurement).
 
         py-spy gives the Python stacks; `perf` (when present) then splits the process's CPU time
-        between the kernel (socket calls), the interpreter and uvloop.
+        between the kernel (socket calls), the interpreter and uvloop. The process's CPU per command
+        over the same load turns the percentages into microseconds per command.
         """
-        py_spy = shutil.which("py-spy")
+        # py-spy from PATH, or from the virtualenv running this script (.venv/bin/python bench/run.py).
+        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if not py_spy:
-            return {"skipped": "py-spy not installed (pip install py-spy)"}
+            return {"process": label, "skipped": "py-spy not installed (pip install py-spy)"}
         gateway = gateway or self.gateway
         modes = {"push1": ("push", 1), "push16": ("push", 16), "fetch16": ("fetchack", 16),
                  "batch": ("batchpush", 16)}  # fmt: skip
         mode, conns = modes.get(scenario, ("push", 16))
         RESULTS.mkdir(exist_ok=True)
-        raw = RESULTS / f"profile-{scenario}.txt"
+        raw = RESULTS / f"profile-{scenario}{'' if label == 'gateway' else '-' + label}.txt"
         seconds = max(1, round(self.args.profile_seconds))
         perf_seconds = max(2, seconds // 2)
         perf = shutil.which("perf")
         self.flush()
         if mode == "fetchack":
             self.fill("bench", int(self.fill_rate * (seconds + perf_seconds + 3) * 1.5), self.args.payload)
-        log(f"profile: py-spy on the gateway under {scenario} for {seconds} s" + (
+        log(f"profile: py-spy on the {label} under {scenario} for {seconds} s" + (
             f", then perf for {perf_seconds} s" if perf else ""))  # fmt: skip
         spec = {"mode": mode, "url": gateway.url, "conns": conns, "warmup": 0.5,
                 "duration": seconds + (perf_seconds + 1 if perf else 0) + 1.5, "payload": self.args.payload,
-                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None}  # fmt: skip
+                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None,
+                "watch": {label: [gateway.proc.pid]}}  # fmt: skip
         gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
         time.sleep(0.8)
         pid = str(gateway.proc.pid)
@@ -474,8 +535,9 @@ class Bench:
         split = None
         if perf:
             split = perf_split(perf, pid, perf_seconds, self.tmp / "perf.data")
-        gen.wait(90)
-        gen.stdout.read()
+        out, _ = gen.communicate(timeout=90)
+        load = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), {})
+        cpu_us = load["proc_cpu_s"][label] / load["commands"] * 1e6 if load.get("commands") else None
         if not raw.exists():
             return {"skipped": f"py-spy produced nothing: {spy.stderr.strip()[-500:]}"}
         stacks = Counter()
@@ -493,44 +555,72 @@ class Bench:
                 inclusive[frame] += count
         top_self = [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(25)]
         top_incl = [(frame, round(100 * c / total, 1)) for frame, c in inclusive.most_common(40)]
-        return {"scenario": scenario, "samples": total, "raw": str(raw.relative_to(REPO)),
-                "top_self_pct": top_self, "top_inclusive_pct": top_incl, "perf": split}  # fmt: skip
+        return {"scenario": scenario, "process": label, "samples": total, "raw": str(raw.relative_to(REPO)),
+                "cpu_us_per_cmd": cpu_us, "top_self_pct": top_self, "top_inclusive_pct": top_incl,
+                "perf": split}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
 # Report
 
 
+def compare(r: dict) -> None:
+    """Add the ratios of a scenario's result: each proxy against direct, the gateway against the others."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    direct, gw = r["direct"], r["gateway"]
+    r["ratio"] = ratio(gw["ops_per_s"], direct["ops_per_s"]) or 0.0
+    for label in ("relay", "haproxy"):
+        if label in r:
+            r[f"{label}_ratio"] = ratio(r[label]["ops_per_s"], direct["ops_per_s"]) or 0.0
+    if "haproxy" in r:
+        h = r["haproxy"]
+        r["vs_haproxy"] = ratio(gw["ops_per_s"], h["ops_per_s"])
+        if gw.get("latency") and h.get("latency"):
+            r["over_haproxy_us"] = {q: gw["latency"][q] - h["latency"][q] for q in ("p50_us", "p99_us")}
+    if "relay" in r:
+        r["cpu_vs_relay"] = ratio(gw.get("gateway_cpu_us_per_cmd"), r["relay"].get("gateway_cpu_us_per_cmd"))
+
+
 def fmt(value, spec: str = ".0f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def lat_pair(side: dict | None) -> str:
-    lat = side and side.get("latency")
-    return f"{lat['p50_us']:.0f}/{lat['p99_us']:.0f}" if lat else "-"
-
-
 def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
-    """(what, target, measured, passed) for each target of the brief."""
+    """(what, target, measured, passed) for each target; passed None when it could not be measured."""
     out = []
     by = {r["scenario"]: r for r in results}
+
+    def against_haproxy(name: str, what: str, key: str) -> None:
+        if name not in by:
+            return
+        ratio = by[name].get("vs_haproxy")
+        limit = TARGETS[key]
+        out.append((what, f">= {limit:.2f}x HAProxy", "no HAProxy" if ratio is None else f"{ratio:.2f}x",
+                    None if ratio is None else ratio >= limit))  # fmt: skip
+
+    against_haproxy("push16", "PUSH x16 throughput", "push16_vs_haproxy")
     if "push16" in by:
-        ratio = by["push16"]["ratio"]
-        out.append(
-            ("PUSH x16 throughput", ">= 0.90x direct", f"{ratio:.2f}x", ratio >= TARGETS["push16_ratio"])
-        )
+        cpu = by["push16"].get("cpu_vs_relay")
+        limit = TARGETS["push16_cpu_vs_relay"]
+        out.append(("PUSH x16 CPU per command", f"<= {limit:.2f}x relay",
+                    "no relay" if cpu is None else f"{cpu:.2f}x", None if cpu is None else cpu <= limit))  # fmt: skip
     for name in ("lat-push", "lat-beat"):
         if name in by:
-            added = by[name]["added_us"]
-            out.append((f"{name} added p50", "<= 100 µs", f"{added['p50_us']:.0f} µs",
-                        added["p50_us"] <= TARGETS["added_p50_us"]))  # fmt: skip
-            out.append((f"{name} added p99", "<= 1000 µs", f"{added['p99_us']:.0f} µs",
-                        added["p99_us"] <= TARGETS["added_p99_us"]))  # fmt: skip
+            over = by[name].get("over_haproxy_us")
+            for q, key in (("p50", "lat_p50_over_haproxy_us"), ("p99", "lat_p99_over_haproxy_us")):
+                limit = TARGETS[key]
+                measured = "no HAProxy" if over is None else f"{over[q + '_us']:+.0f} µs"
+                out.append((f"{name} {q} over HAProxy's", f"<= +{limit:.0f} µs", measured,
+                            None if over is None else over[q + "_us"] <= limit))  # fmt: skip
+    against_haproxy("fetch16", "FETCH+ACK x16 throughput", "fetch16_vs_haproxy")
+    against_haproxy("fetch16-1k", "FETCH+ACK x16, 1 KiB jobs", "fetch16_vs_haproxy")
     if "idle" in by:
         kib = by["idle"]["kib_per_conn"]
-        out.append(
-            ("memory per idle connection", "<= 50 KiB", f"{kib:.1f} KiB", kib <= TARGETS["idle_kib_per_conn"])
-        )
+        limit = TARGETS["idle_kib_per_conn"]
+        out.append(("memory per idle connection", f"<= {limit:.0f} KiB", f"{kib:.1f} KiB", kib <= limit))
     if "batch" in by:
         b = by["batch"]
         if b.get("skipped"):
@@ -544,10 +634,12 @@ def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
     return out
 
 
-def relay_added(r: dict) -> dict | None:
-    if r.get("conns") != 1 or not r["direct"].get("latency") or not r["relay"].get("latency"):
+def added_to_direct(r: dict, label: str) -> dict | None:
+    """Percentiles of `label` minus direct's, for one-connection rows only (see the README)."""
+    d, t = r["direct"].get("latency"), r[label].get("latency")
+    if r.get("conns") != 1 or not d or not t:
         return None
-    return {q: r["relay"]["latency"][q] - r["direct"]["latency"][q] for q in ("p50_us", "p99_us")}
+    return {q: t[q] - d[q] for q in ("p50_us", "p99_us")}
 
 
 def spread(side: dict) -> str:
@@ -558,74 +650,104 @@ def spread(side: dict) -> str:
     return f"±{50 * (max(rounds) - min(rounds)) / mean:.0f}%" if mean else ""
 
 
+def pair(values: dict | None, sign: str = "") -> str:
+    return f"{values['p50_us']:{sign}.0f}/{values['p99_us']:{sign}.0f}" if values else "-"
+
+
+def heading(lines: list[str], title: str, header: str) -> None:
+    """A table's title, column header and rule (after a blank line unless it is the first)."""
+    lines.extend(([""] if lines else []) + [title, header, "-" * len(header)])
+
+
 def report(results: list[dict], meta: dict) -> str:
     lines = []
-    header = (f"{'scenario':14} {'direct ops/s':>16} {'gateway ops/s':>16} {'ratio':>6} "
-              f"{'direct p50/p99 µs':>17} {'gw p50/p99 µs':>14} {'added p50/p99 µs':>16} {'gw CPU µs/cmd':>13}")  # fmt: skip
-    lines.append(header)
-    lines.append("-" * len(header))
+    heading(lines, "Each proxy against direct, in the same rounds (rows -relay and -haproxy: the reference proxies)",
+            f"{'scenario':18} {'direct ops/s':>16} {'proxy ops/s':>16} {'ratio':>6} {'direct p50/p99 µs':>17} "
+            f"{'proxy p50/p99 µs':>16} {'added p50/p99 µs':>16} {'CPU µs/cmd':>10}")  # fmt: skip
     rows = []
     for r in results:
-        if r["scenario"] == "idle" or r.get("skipped"):
+        if r["scenario"] in ("idle", "loop-lag") or r.get("skipped"):
             continue
-        if r["scenario"] == "batch":
-            rows += [r["batch"], r["plain"]]
-        else:
-            rows.append(r)
-            if "relay" in r:  # the bare relay, shown as its own row against the same direct rounds
-                rows.append({"scenario": f"{r['scenario']}-relay", "direct": r["direct"], "gateway": r["relay"],
-                             "ratio": r["relay_ratio"], "is_relay": True, "conns": r.get("conns"),
-                             "added_us": relay_added(r)})  # fmt: skip
-    for r in rows:
-        d, g = r["direct"], r["gateway"]
-        added = r.get("added_us")
-        # Under 16 producers the two sides run at different rates, so their latency difference is
-        # not the gateway's added latency: shown for the one-connection rows only.
-        if added is None and r.get("conns") == 1 and d.get("latency") and g.get("latency"):
-            added = {q: g["latency"][q] - d["latency"][q] for q in ("p50_us", "p99_us")}
-        added_s = f"{added['p50_us']:.0f}/{added['p99_us']:.0f}" if added else "-"
+        for scenario in [r["batch"], r["plain"]] if r["scenario"] == "batch" else [r]:
+            for label in PROXIES:
+                if label in scenario:
+                    rows.append({"scenario": scenario["scenario"] + ("" if label == "gateway" else f"-{label}"),
+                                 "base": scenario, "proxy": label})  # fmt: skip
+    for row in rows:
+        r, label = row["base"], row["proxy"]
+        d, g = r["direct"], r[label]
+        ratio = r["ratio"] if label == "gateway" else r[f"{label}_ratio"]
+        # Under 16 producers the sides run at different rates, so their latency difference is not
+        # the proxy's added latency: shown for the one-connection rows only.
+        added = r.get("added_us") if label == "gateway" else None
+        added = added or added_to_direct(r, label)
         lines.append(
-            f"{r['scenario']:14} {d['ops_per_s']:10.0f} {spread(d):>5} {g['ops_per_s']:10.0f} {spread(g):>5} "
-            f"{r['ratio']:6.2f} "
-            f"{lat_pair(d):>17} {lat_pair(g):>14} {added_s:>16} {fmt(g.get('gateway_cpu_us_per_cmd'), '.1f'):>13}"
+            f"{row['scenario']:18} {d['ops_per_s']:10.0f} {spread(d):>5} {g['ops_per_s']:10.0f} {spread(g):>5} "
+            f"{ratio:6.2f} {pair(d.get('latency')):>17} {pair(g.get('latency')):>16} {pair(added):>16} "
+            f"{fmt(g.get('gateway_cpu_us_per_cmd'), '.1f'):>10}"
         )
     for r in results:
         if r["scenario"] == "idle":
-            lines.append(f"{'idle':14} {r['conns']} connections after HELLO: gateway RSS {r['rss_before_kib']} -> "
+            lines.append(f"{'idle':18} {r['conns']} connections after HELLO: gateway RSS {r['rss_before_kib']} -> "
                          f"{r['rss_after_kib']} KiB = {r['kib_per_conn']:.1f} KiB per connection "
                          f"(Faktory itself: {r['faktory_kib_per_conn']:.1f} KiB)")  # fmt: skip
         if r.get("skipped"):
-            lines.append(f"{r['scenario']:14} SKIPPED: {r['skipped']}")
-    lines.append("")
-    lines.append("CPU in the measurement windows (cores busy: 1.00 = one core; the machine has "
-                 f"{meta['cpus']}); per command in µs")  # fmt: skip
-    header2 = (f"{'scenario':14} {'target':8} {'loadgen':>12} {'gateway':>12} {'faktory+redis':>14} "
-               f"{'machine busy':>12} {'errors':>6}")  # fmt: skip
-    lines.append(header2)
-    lines.append("-" * len(header2))
-    for r in rows:
-        for label in ("direct", "gateway"):
-            if label == "direct" and r.get("is_relay"):
-                continue
-            s = r[label]
+            lines.append(f"{r['scenario']:18} SKIPPED: {r['skipped']}")
+
+    compared = [r for r in results if "haproxy" in r or "relay" in r]
+    if compared:
+        heading(lines, "The gateway against the reference proxies (same rounds; CPU: each proxy process's µs "
+                "per command it carried)", f"{'scenario':18} {'gw/HAProxy':>10} {'gw-HAProxy p50/p99 µs':>22} "
+                f"{'gateway':>8} {'relay':>8} {'HAProxy':>8} {'gw/relay CPU':>12}")  # fmt: skip
+        for r in compared:
+            over = r.get("over_haproxy_us")
+            over_s = pair(over, "+") if over and r.get("conns") == 1 else "-"
+            cpu = {label: (r.get(label) or {}).get("gateway_cpu_us_per_cmd") for label in PROXIES}
+            lines.append(f"{r['scenario']:18} {fmt(r.get('vs_haproxy'), '.2f'):>10} {over_s:>22} "
+                         f"{fmt(cpu['gateway'], '.1f'):>8} {fmt(cpu['relay'], '.1f'):>8} "
+                         f"{fmt(cpu['haproxy'], '.1f'):>8} {fmt(r.get('cpu_vs_relay'), '.2f'):>12}")  # fmt: skip
+
+    for r in results:
+        if r["scenario"] == "loop-lag":
+            heading(lines, "Gateway event-loop lag: GET /liveness every 1 ms from another process (send to full "
+                    "response), µs", f"{'load':18} {'probes':>7} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7} "
+                    f"{'>1ms':>5} {'>5ms':>5} {'>20ms':>5} {'prober late max':>15}")  # fmt: skip
+            for name in ("idle", "idle-control", "push16", "push16-control"):
+                lag = r.get(name)
+                if lag is None:
+                    continue
+                lines.append(f"{name:18} {lag['probes']:7d} {fmt(lag.get('p50_us')):>7} {fmt(lag.get('p99_us')):>7} "
+                             f"{fmt(lag.get('p999_us')):>7} {fmt(lag.get('max_us')):>7} {lag['over_1ms']:5d} "
+                             f"{lag['over_5ms']:5d} {lag['over_20ms']:5d} {lag['late_max_us']:15.0f}")  # fmt: skip
+            if r.get("push16_ops_per_s"):
+                lines.append(f"  (-control: a bare aiohttp server on uvloop probed the same way, in the same "
+                             f"conditions; push16 through the gateway ran at {r['push16_ops_per_s']:.0f} ops/s "
+                             "while probed)")  # fmt: skip
+
+    heading(lines, f"CPU in the measurement windows (cores busy: 1.00 = one core; the machine has {meta['cpus']}); "
+            "per command in µs", f"{'scenario':18} {'target':8} {'loadgen':>12} {'proxy':>12} {'faktory+redis':>14} "
+            f"{'machine busy':>12} {'errors':>6}")  # fmt: skip
+    for row in rows:
+        r, label = row["base"], row["proxy"]
+        for target in (["direct"] if label == "gateway" else []) + [label]:
+            s = r[target]
             lg = f"{fmt(s.get('loadgen_cores'), '.2f')}c" + (
                 f" {s['loadgen_cpu_us_per_cmd']:.0f}µs" if "loadgen_cpu_us_per_cmd" in s else ""
             )
-            label = "relay" if r.get("is_relay") else label
-            gw = (f"{fmt(s.get('gateway_cores'), '.2f')}c {s['gateway_cpu_us_per_cmd']:.0f}µs"
-                  if label != "direct" and "gateway_cores" in s else "-")  # fmt: skip
+            px = (f"{fmt(s.get('gateway_cores'), '.2f')}c {s['gateway_cpu_us_per_cmd']:.0f}µs"
+                  if target != "direct" and "gateway_cores" in s else "-")  # fmt: skip
             fk = (f"{fmt(s.get('faktory_cores'), '.2f')}c " if "faktory_cores" in s else "") + (
                 f"{s['faktory_cpu_us_per_cmd']:.0f}µs"
             )
-            lines.append(f"{r['scenario']:14} {label:8} {lg:>12} {gw:>12} {fk:>14} "
+            lines.append(f"{r['scenario']:18} {target:8} {lg:>12} {px:>12} {fk:>14} "
                          f"{fmt(s.get('machine_busy_cores'), '.2f'):>12} {s.get('errors', 0):>6}")  # fmt: skip
     lines.append("")
     lines.append("Targets")
     for what, target, measured, passed in verdicts(results):
         mark = "n/a " if passed is None else ("PASS" if passed else "MISS")
-        lines.append(f"  {mark}  {what:30} target {target:16} measured {measured}")
+        lines.append(f"  {mark}  {what:30} target {target:18} measured {measured}")
     for r in results:
-        for side in ("direct", "gateway"):
+        for side in ("direct", *PROXIES):
             s = r.get(side) or {}
             if s.get("first_error"):
                 lines.append(
@@ -635,18 +757,44 @@ def report(results: list[dict], meta: dict) -> str:
                 lines.append(
                     f"  note: {r['scenario']} {side}: {s['dry_fetches']} FETCHes found the queue empty"
                 )
-    for r in rows:
-        g = r["gateway"]
+    for row in rows:
+        g = row["base"][row["proxy"]]
         if "redis_calls_per_cmd" in g:
             by = (
                 ", ".join(f"{k} {v}" for k, v in sorted(g["redis_calls_per_cmd_by_command"].items()))
                 or "none"
             )
-            lines.append(f"  ledger Redis, {r['scenario']} through the gateway: {g['redis_calls_per_cmd']:.2f} calls "
-                         f"per command ({by}; commands run inside Lua scripts count too), "
+            lines.append(f"  ledger Redis, {row['scenario']} through the gateway: {g['redis_calls_per_cmd']:.2f} "
+                         f"calls per command ({by}; commands run inside Lua scripts count too), "
                          f"Redis CPU {g['ledger_redis_cpu_us_per_cmd']:.0f} µs per command")  # fmt: skip
     for note in meta.get("notes", []):
         lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def profile_text(profile: dict, scenario: str) -> str:
+    """Top functions by self and inclusive time; with the process's CPU per command, µs per command."""
+    label = profile.get("process", "gateway")
+    cpu = profile.get("cpu_us_per_cmd")
+    lines = [f"{label.capitalize()} profile under {profile.get('scenario', scenario)} "
+             f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})"
+             + (f"; {label} CPU {cpu:.1f} µs per command over the same load" if cpu else "")]  # fmt: skip
+
+    def us(pct: float) -> str:
+        return f"{pct * cpu / 100:5.1f} µs" if cpu else ""
+
+    for kind, rows, limit in (("self", "top_self_pct", 20), ("incl", "top_inclusive_pct", 30)):
+        for frame, pct in profile.get(rows, [])[:limit]:
+            lines.append(f"  {kind} {pct:5.1f}% {us(pct)}  {frame}")
+    split = profile.get("perf") or {}
+    if split.get("by_object_pct"):
+        lines.append(f"  perf, the {label}'s CPU by object: "
+                     + ", ".join(f"{o} {p:.1f}%" + (f" ({p * cpu / 100:.1f} µs)" if cpu else "")
+                                 for o, p in split["by_object_pct"]))  # fmt: skip
+        for sym, pct in split["by_symbol_pct"][:15]:
+            lines.append(f"  perf {pct:5.1f}%  {sym}")
+    elif split.get("error"):
+        lines.append(f"  perf failed: {split['error']}")
     return "\n".join(lines)
 
 
@@ -686,10 +834,12 @@ def main() -> int:
     parser.add_argument(
         "--no-relay",
         action="store_true",
-        help="skip the bare uvloop relay (bench/relay.py) measured alongside push16",
+        help="skip the bare uvloop relay (bench/relay.py) measured beside the gateway",
     )
-    parser.add_argument("--profile", default="", help="after measuring, py-spy the gateway under this scenario "
-                        "(push1, push16, fetch16, batch) and print where its time goes")  # fmt: skip
+    parser.add_argument("--no-haproxy", action="store_true", help="skip HAProxy (mode tcp, one thread) measured "
+                        "beside the gateway; the targets stated against it are then n/a")  # fmt: skip
+    parser.add_argument("--profile", default="", help="after measuring, py-spy the gateway (and the relay) under "
+                        "this scenario (push1, push16, fetch16, batch) and print where their time goes")  # fmt: skip
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     parser.add_argument("--json", default=str(RESULTS / "latest.json"), help="where to write the results")
     args = parser.parse_args()
@@ -705,6 +855,7 @@ def main() -> int:
 
     bench = Bench(args)
     started = time.monotonic()
+    load_before = os.getloadavg()
     profile = None
     try:
         bench.start()
@@ -738,30 +889,32 @@ def main() -> int:
                 result = bench.run_push_pinned(16)
             elif scenario == "fetch16":
                 result = bench.run_fetch(16)
+            elif scenario == "fetch16-1k":
+                result = bench.run_fetch(16, payload=FETCH_1K_PAYLOAD, suffix="-1k")
             elif scenario in ("lat-push", "lat-beat"):
                 result = bench.run_latency(scenario.split("-")[1])
             elif scenario == "idle":
                 result = bench.run_idle()
+            elif scenario == "loop-lag":
+                result = bench.run_loop_lag()
             else:
                 result = bench.run_batch()
             for r in [result, result.get("batch"), result.get("plain")]:
                 if r and "direct" in r and "gateway" in r:
-                    r["ratio"] = (
-                        r["gateway"]["ops_per_s"] / r["direct"]["ops_per_s"]
-                        if r["direct"]["ops_per_s"]
-                        else 0
-                    )
-                if r and "relay" in r:
-                    r["relay_ratio"] = (
-                        r["relay"]["ops_per_s"] / r["direct"]["ops_per_s"] if r["direct"]["ops_per_s"] else 0
-                    )
+                    compare(r)
             bench.results.append(result)
         if args.profile == "batch":
             profile = bench.profile_result or {"skipped": "the batch scenario did not run"}
         elif args.profile:
             profile = bench.profile(args.profile)
+            if bench.relay is not None:  # the same load through the bare relay, for comparison
+                profile["relay"] = bench.profile(args.profile, bench.relay, "relay")
     finally:
         bench.stop()
+    load_after = os.getloadavg()
+    # Other work on the machine takes the same cores: say how busy it was (1-minute load averages).
+    bench.notes.append(f"load average {load_before[0]:.2f} before the run, {load_after[0]:.2f} after "
+                       f"({os.cpu_count()} CPUs); this run's own processes count too")  # fmt: skip
     meta = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - started, 1),
@@ -773,23 +926,10 @@ def main() -> int:
     text = report(bench.results, meta)
     print(text)
     if profile:
-        print()
-        print(f"Gateway profile under {profile.get('scenario', args.profile)} "
-              f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})")  # fmt: skip
-        for frame, pct in profile.get("top_self_pct", [])[:20]:
-            print(f"  self {pct:5.1f}%  {frame}")
-        for frame, pct in profile.get("top_inclusive_pct", [])[:30]:
-            print(f"  incl {pct:5.1f}%  {frame}")
-        split = profile.get("perf") or {}
-        if split.get("by_object_pct"):
-            print(
-                "  perf, the gateway's CPU by object: "
-                + ", ".join(f"{o} {p:.1f}%" for o, p in split["by_object_pct"])
-            )
-            for sym, pct in split["by_symbol_pct"][:15]:
-                print(f"  perf {pct:5.1f}%  {sym}")
-        elif split.get("error"):
-            print(f"  perf failed: {split['error']}")
+        for one in (profile, profile.get("relay")):
+            if one:
+                print()
+                print(profile_text(one, args.profile))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = [{"what": w, "target": t, "measured": m, "passed": p} for w, t, m, p in verdicts(bench.results)]

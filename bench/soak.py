@@ -45,7 +45,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from loadgen import JID, hello_line, machine_cpu, percentiles, proc_cpu  # noqa: E402
+from loadgen import JID, hello_line, machine_cpu, percentiles, proc_cpu, redis_replies  # noqa: E402
+
+from tests.support.processes import rss_kib  # noqa: E402 (loadgen put the repository on sys.path)
 
 perf_counter = time.perf_counter
 RESULTS = BENCH / "results"
@@ -91,22 +93,12 @@ PLAIN_QUEUE, CB_QUEUE = "soak", "soak-cb"
 STALL_S = 30.0  # a command with no reply for this long is a stall: the connection is aborted
 
 
-def rss_kib(pid: int) -> int | None:
+def proc_state(pid: int) -> dict:
+    """A gateway's resident memory and open fds; None for both once the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def fd_count(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
+        return {"rss_kib": rss_kib(pid), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    except (OSError, StopIteration):  # gone, or a zombie (no VmRSS line)
+        return {"rss_kib": None, "fds": None}
 
 
 def raise_nofile(need: int) -> None:
@@ -534,10 +526,7 @@ class Load:
         return {"t": perf_counter(), "machine": machine_cpu(), "procs": procs}
 
     def gateway_state(self) -> dict:
-        return {
-            name: {"rss_kib": rss_kib(pid), "fds": fd_count(pid)}
-            for name, pid in self.spec["gateway_pids"].items()
-        }
+        return {name: proc_state(pid) for name, pid in self.spec["gateway_pids"].items()}
 
     async def pacer(self) -> None:
         """Every 5 s, nudge the pacing scale toward the target machine load."""
@@ -874,25 +863,13 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 
 def redis_memory(port: int) -> dict | None:
-    """Keys and used_memory of the ledger Redis (raw RESP, two commands)."""
+    """Keys and used_memory of the ledger Redis."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"DBSIZE\r\nINFO memory\r\n")
-            data = b""
-            while b"used_memory:" not in data or not data.endswith(b"\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-                header = data.split(b"\r\n", 2)
-                if len(header) == 3 and header[1].startswith(b"$"):
-                    if len(header[2]) >= int(header[1][1:]) + 2:
-                        break
+        dbsize, info = redis_replies("127.0.0.1", port, b"DBSIZE", b"INFO memory")
     except OSError:
         return None
-    keys = int(data.split(b"\r\n", 1)[0][1:])
-    used = int(re.search(rb"used_memory:(\d+)", data).group(1))
-    return {"keys": keys, "used_memory": used}
+    used = int(re.search(rb"used_memory:(\d+)", info).group(1))
+    return {"keys": int(dbsize), "used_memory": used}
 
 
 def fmt_us(us: float | None) -> str:
@@ -998,7 +975,7 @@ class Soak:
         roles = role_counts(args.connections, args.workers, args.batchers)
         time.sleep(1.0)
         names = self.gateway_names()
-        baseline = {n: {"rss_kib": rss_kib(p), "fds": fd_count(p)} for n, p in names.items()}
+        baseline = {n: proc_state(p) for n, p in names.items()}
         spec = {
             "gateways": [g.url for g in self.gateways],
             "faktory_url": self.faktory.url,
@@ -1055,9 +1032,7 @@ class Soak:
             raise RuntimeError(f"the load process ended without a result (exit {proc.returncode})")
         time.sleep(2.0)  # let the gateways close the upstream sides
         result["gateways"]["baseline"] = baseline
-        result["gateways"]["after_close"] = {
-            n: {"rss_kib": rss_kib(p), "fds": fd_count(p)} for n, p in names.items()
-        }
+        result["gateways"]["after_close"] = {n: proc_state(p) for n, p in names.items()}
         result["gateway_metrics"] = self.gateway_metrics()
         result["ledger_redis"] = redis_memory(self.redis.port)
         result["processes_alive"] = {

@@ -1,28 +1,28 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, idempotently:
-# redis-server and promtool (Debian), the Faktory OSS server (built with `go install` from the Go
-# module proxy), the npm client used by the tests, and this package with its test extras in .venv.
+# redis-server, haproxy and promtool (Debian), the Faktory OSS server (built with `go install` from
+# the Go module proxy), the npm client used by the tests, and this package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "== installing redis-server"
+# Debian's packages, one apt run for whatever is missing: redis-server (the ledger and Faktory's
+# own store), haproxy (a reference proxy for bench/run.py), prometheus for promtool (it checks and
+# unit-tests the alerting rules in deploy/monitoring; its postinst may try to start a service,
+# harmless here, so only a missing promtool is an error).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (Debian)"
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq redis-server >/dev/null
-fi
-
-if ! command -v promtool >/dev/null 2>&1; then
-  # promtool checks and unit-tests the alerting rules in deploy/monitoring (tests/packaging). Debian
-  # ships it in the prometheus package, whose postinst may try to start a service: harmless here.
-  echo "== installing promtool (Debian's prometheus package)"
-  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  # A failing service start in the postinst must not stop us; a missing promtool must.
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus \
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     >/dev/null || true
-  command -v promtool >/dev/null 2>&1 || { echo "promtool did not install" >&2; exit 1; }
+  for tool in redis-server haproxy promtool; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "$tool did not install" >&2; exit 1; }
+  done
 fi
 
 if [ ! -x .tools/bin/faktory ]; then
