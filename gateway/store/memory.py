@@ -6,12 +6,15 @@ is for a sidecar in front of a server that no other gateway fronts. Each method 
 
 Scale: a record is one dict entry whose value packs the state and the expiry into one int, and
 expiry is incremental: records are filed in one-minute buckets of a wheel, and every call expires
-at most `EXPIRE_PER_CALL` of them. No call ever walks the whole ledger, so a million records cost
-no event-loop stall (bench/ledger.py measures it).
+at most `EXPIRE_PER_CALL` of them; a larger backlog (a million records expiring together) drains in
+steps of `DRAIN_STEP` every `DRAIN_EVERY` seconds, scheduled only while there is one. No call or
+step ever walks the whole ledger, so a million records cost no event-loop stall (bench/ledger.py
+measures it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 
@@ -28,6 +31,7 @@ from . import (
 )
 
 EXPIRE_PER_CALL = 64  # records a call may expire: enough to keep up, never a stall
+DRAIN_EVERY, DRAIN_STEP = 0.002, 256  # a backlog of expired records drains in small steps of its own
 BUCKET_MS = 60_000
 _CODES = (OPEN, COMMITTING, COMMITTED, FIRED)
 _CODE = {state: code for code, state in enumerate(_CODES)}
@@ -90,6 +94,7 @@ class MemoryStore:
         self._wheel = ExpiryWheel()
         self._held_wheel = ExpiryWheel()
         self._listeners: list[SealListener] = []
+        self._drain: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------------------------
     # Records
@@ -97,21 +102,28 @@ class MemoryStore:
     def _now(self) -> int:
         return int((self.clock() - self._epoch) * 1000)
 
-    def _expire_some(self, now: int) -> None:
-        for bid in self._wheel.due(now, EXPIRE_PER_CALL):
+    def _expire_some(self, now: int, limit: int = EXPIRE_PER_CALL) -> None:
+        due = self._wheel.due(now, limit)
+        for bid in due:
             packed = self._batches.get(bid)
             if packed is not None and packed >> 2 <= now:
                 del self._batches[bid]
                 self._leases.pop(bid, None)
                 self._attempts.pop(bid, None)
                 self._callbacks.pop(bid, None)
-        for wid in self._held_wheel.due(now, EXPIRE_PER_CALL):
+        for wid in self._held_wheel.due(now, limit):
             jobs = self._held.get(wid)
             if jobs is not None:
                 for jid in [jid for jid, (_, expires) in jobs.items() if expires <= now]:
                     del jobs[jid]
                 if not jobs:
                     del self._held[wid]
+        if len(due) == limit and self._drain is None:  # a backlog: drain it without the callers
+            self._drain = asyncio.get_running_loop().call_later(DRAIN_EVERY, self._drain_step)
+
+    def _drain_step(self) -> None:
+        self._drain = None
+        self._expire_some(self._now(), DRAIN_STEP)
 
     def _get(self, bid: str) -> BatchState:
         now = self._now()
@@ -272,7 +284,8 @@ class MemoryStore:
         return True
 
     async def close(self) -> None:
-        pass
+        if self._drain is not None:
+            self._drain.cancel()
 
     def __len__(self) -> int:
         return len(self._batches)
