@@ -45,6 +45,21 @@ def commit_times(direct: RawClient, through: RawClient, commits: int) -> dict[st
     return times
 
 
+def load_spec(gateway: GatewayProcess, duration: float) -> dict:
+    """8 producers pushing into batches of their own through `gateway`, at full speed."""
+    return {
+        "mode": "batchpush",
+        "url": gateway.url,
+        "conns": 8,
+        "warmup": 0.5,
+        "duration": duration,
+        "payload": 100,
+        "wid": None,
+        "queue": "bench-commit",
+        "watch": {"gateway": [gateway.proc.pid]},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=400)
@@ -60,26 +75,14 @@ def main() -> int:
         with RawClient.connect(standin.url) as direct, RawClient.connect(gateways[0].url) as through:
             commit_times(direct, through, 20)  # warm-up
             duration = 0.0 if args.no_load else max(5.0, args.commits * 0.012)
-            threads = [
-                threading.Thread(
-                    target=lambda g=g: load_out.append(
-                        loadgen(
-                            {
-                                "mode": "batchpush",
-                                "url": g.url,
-                                "conns": 8,
-                                "warmup": 0.5,
-                                "duration": duration,
-                                "payload": 100,
-                                "wid": None,
-                                "queue": "bench-commit",
-                                "watch": {"gateway": [g.proc.pid]},
-                            }
-                        )
-                    )
-                )  # fmt: skip
-                for g in (gateways if not args.no_load else [])
-            ]
+            threads = (
+                []
+                if args.no_load
+                else [
+                    threading.Thread(target=lambda g=g: load_out.append(loadgen(load_spec(g, duration))))
+                    for g in gateways
+                ]
+            )
             for thread in threads:
                 thread.start()
             time.sleep(1.0 if threads else 0)  # the load is running before the first timed commit

@@ -19,10 +19,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway import logs  # noqa: E402 (after the sys.path entry)
-from gateway.app import EXIT_CONFIG, Gateway  # noqa: E402
-from gateway.config import ConfigError, load, parse_invocation  # noqa: E402
-from gateway.store import COMMITTED  # noqa: E402
+from gateway import logs
+from gateway.app import EXIT_CONFIG, Gateway
+from gateway.config import ConfigError, load, parse_invocation
+from gateway.store import COMMITTED
 
 
 def main() -> int:
