@@ -38,6 +38,7 @@ ALERTS = {
     "FaktoryGatewayBatchRuleRefusals",
     "FaktoryGatewayShadowRefusals",
     "FaktoryGatewayCommitFenceTimeouts",
+    "FaktoryGatewayBatchLeaseLost",
     "FaktoryGatewayStoreUnavailable",
     "FaktoryGatewayUpstreamUnreachable",
     "FaktoryGatewayConnectionLimitNear",
