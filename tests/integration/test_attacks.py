@@ -17,31 +17,9 @@ import pytest
 from tests.integration.test_batches import error_code, member, new_batch, report, uid
 from tests.support.client import RawClient, ServerClosed, job, push_line
 from tests.support.processes import GatewayProcess
-from tests.support.standin import StandinProcess
 
 DEEP = 100_000
 ELSEWHERE = "127.0.0.2"  # another loopback address: Linux routes all of 127.0.0.0/8 to lo
-
-
-@pytest.fixture(scope="module")
-def standin(faktory):
-    process = StandinProcess(faktory.url).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def strict(standin, redis_server):
-    process = GatewayProcess(standin.url, "--redis", redis_server.url).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def member_reopen(standin, redis_server):
-    process = GatewayProcess(standin.url, "--redis", redis_server.url, "--mode", "member-reopen").start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture(params=["strict", "member_reopen"])

@@ -16,28 +16,6 @@ import pytest
 
 from tests.support.client import CommandError, RawClient, job, push_line
 from tests.support.processes import REPO, GatewayProcess, RedisServer
-from tests.support.standin import StandinProcess
-
-
-@pytest.fixture(scope="module")
-def standin(faktory):
-    process = StandinProcess(faktory.url).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def strict(standin, redis_server):
-    process = GatewayProcess(standin.url, "--redis", redis_server.url).start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def member_reopen(standin, redis_server):
-    process = GatewayProcess(standin.url, "--redis", redis_server.url, "--mode", "member-reopen").start()
-    yield process
-    process.stop()
 
 
 def uid() -> str:

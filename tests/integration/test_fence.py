@@ -20,17 +20,9 @@ from gateway.fence import VALID_FOR
 from tests.support.client import CommandError, RawClient, job, push_line
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import GatewayProcess, Process, RedisServer, free_port
-from tests.support.standin import StandinProcess
 
 ROUNDS = 1000  # issue 9: at least 1000 rounds in CI, on each kind of Redis
 PUSHERS = 4
-
-
-@pytest.fixture(scope="module")
-def standin(faktory):
-    process = StandinProcess(faktory.url).start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture(params=["standalone", "cluster"])

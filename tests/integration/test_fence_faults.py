@@ -104,13 +104,6 @@ def logs(*gateways: GatewayProcess) -> str:
     return "\n".join(f"--- gateway {g.port} log:\n{g.text()}" for g in gateways)
 
 
-@pytest.fixture(scope="module")
-def standin(faktory):
-    process = StandinProcess(faktory.url).start()
-    yield process
-    process.stop()
-
-
 @pytest.fixture
 def world(standin, redis_server):
     """Starts gateways and proxies for one test, and stops every one of them afterwards."""
