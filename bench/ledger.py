@@ -15,7 +15,9 @@ For each store it runs gateways in front of the Ent stand-in (real Faktory behin
 
 Loads: 16 producers of plain PUSHes (`push16`) and of PUSHes into open batches (`batch16`, each
 producer its own batch, through the fence), in ABBA rounds over the targets. During every window
-bench/lag.py probes the target gateway's event loop every millisecond: a stall shows there.
+bench/lag.py probes the target gateway's event loop every millisecond: a stall shows there; a
+second prober on a bare aiohttp server at the same time (`ctl`) shows what the machine alone
+does to a probe (on 2 shared cores, tens of milliseconds now and then).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from loadgen import percentiles, redis_replies  # noqa: E402
 from run import REPO, loadgen, log  # noqa: E402
 
 from tests.support.client import RawClient  # noqa: E402
-from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer, rss_kib  # noqa: E402
+from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
 from tests.support.standin import StandinProcess  # noqa: E402
 
 LAUNCHER = str(BENCH / "ledger_gateway.py")
@@ -97,7 +99,8 @@ def first_reply_seconds(upstream: str, redis_url: str) -> float:
 
 
 def measure(name: str, target: GatewayProcess, upstream_pids: list[int], args, tmp: Path) -> dict:
-    """One window of one load on one target, with the loop-lag sampler on the target."""
+    """One window of one load on one target, with the loop-lag sampler on the target, and one on
+    the control (a bare aiohttp server: what the machine alone does to a probe at that moment)."""
     lat_file = tmp / (name.replace("/", "-") + ".lat")
     spec = {
         "mode": LOADS[name.split("/")[0]], "url": target.url, "conns": 16, "warmup": args.warmup,
@@ -105,13 +108,15 @@ def measure(name: str, target: GatewayProcess, upstream_pids: list[int], args, t
         "watch": {"gateway": [target.proc.pid], "faktory": upstream_pids},
     }  # fmt: skip
     sampler = LagSampler(target.http_port, args.warmup + args.duration + 1).start()
+    control = LagSampler(args.control_port, args.warmup + args.duration + 1).start()
     out = loadgen(spec)
-    lag = sampler.result()
+    lag, control_lag = sampler.result(), control.result()
     lat = array("d")
     if lat_file.exists():
         lat.frombytes(lat_file.read_bytes())
         lat_file.unlink()
     return {"ops_per_s": out["ops_per_s"], "errors": out["errors"], "latency": percentiles(lat), "lag": lag,
+            "control_lag": control_lag,
             "cpu_us_per_cmd": out["proc_cpu_s"]["gateway"] / max(out["commands"], 1) * 1e6}  # fmt: skip
 
 
@@ -171,7 +176,7 @@ def report(outcomes: list[dict], args) -> str:
     lines = [f"Ledger at scale: {args.batches} batches; 16 producers; {args.rounds} windows of {args.duration:g} s "
              "per target and load, ABBA; loop lag probed every 1 ms on the target gateway", ""]  # fmt: skip
     header = (f"{'store':7} {'load':8} {'target':9} {'ops/s':>8} {'p50 µs':>8} {'p99 µs':>8} {'CPU µs/cmd':>10} "
-              f"{'lag p99 µs':>10} {'lag max µs':>10} {'probes>5ms':>10}")  # fmt: skip
+              f"{'lag p99 µs':>10} {'lag max µs':>10} {'probes>5ms':>10} {'ctl max µs':>10}")  # fmt: skip
     lines += [header, "-" * len(header)]
     for outcome in outcomes:
         for load, per_target in outcome["results"].items():
@@ -183,8 +188,9 @@ def report(outcomes: list[dict], args) -> str:
                 lag99 = max(w["lag"]["p99_us"] for w in windows)
                 lagmax = max(w["lag"]["max_us"] for w in windows)
                 over5 = sum(w["lag"]["over_5ms"] for w in windows)
+                ctl = max(w["control_lag"]["max_us"] for w in windows)
                 lines.append(f"{outcome['store']:7} {load:8} {label:9} {ops:8.0f} {p50:8.0f} {p99:8.0f} {cpu:10.1f} "
-                             f"{lag99:10.0f} {lagmax:10.0f} {over5:10d}")  # fmt: skip
+                             f"{lag99:10.0f} {lagmax:10.0f} {over5:10d} {ctl:10.0f}")  # fmt: skip
     lines.append("")
     for outcome in outcomes:
         if outcome["store"] == "memory":
@@ -212,6 +218,9 @@ def main() -> int:
                         help="the 'expiring' memory ledger's retention, counted from its fill")  # fmt: skip
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "ledger.json"))
     args = parser.parse_args()
+    control = Process([sys.executable, str(BENCH / "lag.py"), "--serve", str(free_port())])
+    control.start()
+    args.control_port = int(control.wait_for_line("serving /liveness").rsplit(":", 1)[1])
     faktory = FaktoryServer().start()
     standin = StandinProcess(faktory.url).start()
     upstream_pids = [standin.proc.pid, faktory.proc.pid]
@@ -224,6 +233,7 @@ def main() -> int:
     finally:
         standin.stop()
         faktory.cleanup()
+        control.stop()
     text = report(outcomes, args)
     print(text)
     Path(args.json).parent.mkdir(exist_ok=True)
