@@ -211,7 +211,13 @@ class Pipeline:
                 end += len(start)
             if end <= self.max_line:
                 chunk = data if end == len(data) else data[:end]
-                verbs = LINE.findall(chunk)
+                if chunk.find(b"\n") == end - 1:  # one line, the common case: no regex
+                    verb = chunk.partition(b" ")[0]
+                    if verb[-1:] == b"\n":  # no space: the verb is the line without its end
+                        verb = verb[:-2] if verb[-2:] == b"\r\n" else verb[:-1]
+                    verbs = [verb]
+                else:
+                    verbs = LINE.findall(chunk)
                 if b"END" not in verbs and self.guard.unchecked(verbs, chunk, self.client):
                     if end < len(data):
                         self.commands.feed(data[end:])  # no line end in it: only held (or too long)
@@ -511,6 +517,9 @@ class Pipeline:
         elapsed = now - run.received
         added = elapsed - run.upstream_time
         errors = run.errors
+        if run.owed == 1:
+            self.command_done(verb_label(run.verbs[0]), "ok" if errors is None else "error", elapsed, added)
+            return
         verbs = run.verbs if run.owed == len(run.verbs) else run.verbs[: run.owed]
         for index, verb in enumerate(verbs):
             result = "error" if errors is not None and index in errors else "ok"

@@ -316,9 +316,25 @@ def test_chunks_the_guard_must_see_take_the_full_path():
     assert rules.decided == [HELLO, b"INFO\r\n", b"END\r\n"] and harness.pipeline.in_flight == 1
 
 
+LINES = [
+    b"INFO\r\n",
+    b"A\r\r\n",
+    b"A\r B\r\n",
+    b"BEAT\n",
+    b"\n",
+    b"\r\n",
+    b" X\r\n",
+    b"PUSH {} \r\n",
+    b"X\rY\n",
+]
+
+
 def test_verbs_are_found_as_command_parse_splits_them():
-    lines = [b"INFO\r\n", b"A\r\r\n", b"A\r B\r\n", b"END\n", b"\n", b" X\r\n", b"PUSH {} \r\n"]
-    assert LINE.findall(b"".join(lines)) == [Command.parse(line).verb for line in lines]
+    assert LINE.findall(b"".join(LINES)) == [Command.parse(line).verb for line in LINES]
+    harness = greeted(ScriptedRules())
+    for line in LINES:  # one line a chunk: found without the regex
+        harness.from_client(line)
+        assert harness.pipeline.waiting[-1].verbs == [Command.parse(line).verb], line
 
 
 def script(n: int):
