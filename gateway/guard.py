@@ -33,7 +33,7 @@ from .holdings import Holdings
 from .metrics import Metrics, counted
 from .policy import MEMBER_REOPEN, SHADOW, Malformed, Refusal
 from .protocol import DOLLAR, Command, Reply, bulk_reply
-from .status import Status
+from .status import Status, absent
 from .status import ask as ask_status
 from .store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, StoreError
 
@@ -164,27 +164,31 @@ class BatchGuard:
     # ------------------------------------------------------------------------------------------
     # Admission: the commit fence's entry half
 
-    async def _admit(self, bid: str, client: Client) -> tuple[BatchState, Ticket | None]:
+    async def _admit(self, bid: str, client: Client) -> tuple[BatchState | None, Ticket | None]:
         """Admit one command into bid. (OPEN, ticket); (OPEN, None) when `unknown_batch: allow`
-        let an unknown batch through; else (the state that refuses, None). Raises StoreError."""
+        let an unknown batch through; (None, None) when the server has no such batch (its own
+        answer goes to the client); else (the state that refuses, None). Raises StoreError."""
         state, ticket = await self.fence.admit(bid)
         if state == UNKNOWN:
-            state = await self._judge_unknown(bid, client)
-            if state == OPEN and self.config.unknown_batch != "allow":
-                state, ticket = await self.fence.admit(bid)
+            judged = await self._judge_unknown(bid, client)
+            if judged == OPEN and self.config.unknown_batch != "allow":
+                return await self.fence.admit(bid)
+            return judged, None
         if state == COMMITTED:
             await self._touch(bid)  # seen again: it must stay sealed for as long as it can fire
         return state, ticket
 
-    async def _judge_unknown(self, bid: str, client: Client) -> BatchState:
-        """A batch with no record (created before the gateway, or expired): `unknown_batch` decides."""
+    async def _judge_unknown(self, bid: str, client: Client) -> BatchState | None:
+        """A batch with no record (created before the gateway, or expired): `unknown_batch`
+        decides. None: the server says it has no such batch, so nothing can join it and the
+        command goes to the server, whose own error the client gets (clients match on its text)."""
         if self.config.unknown_batch == "allow":
             return OPEN
         if self.config.unknown_batch == "reject":
             return UNKNOWN
-        _, status = await ask_status(client, bid)
+        reply, status = await ask_status(client, bid)
         if status is None:
-            return UNKNOWN  # the server has no such batch
+            return None if absent(reply) else UNKNOWN
         if status.fired:
             await self._store("mark_fired", self.store.mark_fired(bid))
             return FIRED
@@ -225,29 +229,22 @@ class BatchGuard:
             state, ticket = await self._admit(bid, client)
         except StoreError as exc:
             return self._store_down(bid, command, client, exc)
-        if self._server_answers(state):
+        if state is None:  # no such batch: the server's own answer
             return Forward(command.raw, on_reply)
         if state != OPEN:
             return self._refuse(self._sealed_refusal(bid, state, nest), command, client, bid)
         return Forward(command.raw, on_reply, ticket)
-
-    def _server_answers(self, state: BatchState) -> bool:
-        """Still unknown after `verify` asked: the server has no such batch. Nothing can join a
-        batch that does not exist, and clients match on the server's own error text ("no such
-        batch"), so the command goes to the server and the client gets its reply."""
-        return state == UNKNOWN and self.config.unknown_batch == "verify"
 
     # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB
 
     def _push(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
-            job = policy.decode(command.args)
-            if reserved := policy.reserved_keys(job):
-                return self._refuse(policy.refusal_reserved(reserved), command, client, None)
-            bid = policy.job_bid(job)
+            bid, reserved = policy.read_push(command.args)
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
+        if reserved:
+            return self._refuse(policy.refusal_reserved(reserved), command, client, None)
         if bid is None:
             return None
         return self._forward_admitted(command, client, bid, nest=False)
@@ -278,17 +275,22 @@ class BatchGuard:
             if keys:
                 self._refuse(policy.refusal_reserved(keys), command, client, None)
         bids = [None if keys else bid for bid, keys in zip(bids, reserved, strict=True)]
-        for bid in dict.fromkeys(b for b in bids if b):
-            try:
-                state, ticket = await self._admit(bid, client)
-            except StoreError as exc:
-                if (refusal := self._store_failed(bid, client, exc)) is not None:
-                    refusals[bid] = refusal
-                continue
-            if ticket is not None:
-                tickets.append(ticket)
-            if state != OPEN and not self._server_answers(state):
-                refusals[bid] = self._sealed_refusal(bid, state, nest=False)
+        try:
+            for bid in dict.fromkeys(b for b in bids if b):
+                try:
+                    state, ticket = await self._admit(bid, client)
+                except StoreError as exc:
+                    if (refusal := self._store_failed(bid, client, exc)) is not None:
+                        refusals[bid] = refusal
+                    continue
+                if ticket is not None:
+                    tickets.append(ticket)
+                if state is not None and state != OPEN:
+                    refusals[bid] = self._sealed_refusal(bid, state, nest=False)
+        except BaseException:  # the connection went away meanwhile: end the admissions taken
+            for ticket in tickets:
+                ticket.answered()
+            raise
         for bid, refusal in refusals.items():
             self._refuse(refusal, command, client, bid)  # logs and counts once per batch
         group = TicketGroup.of(tickets)
@@ -335,26 +337,30 @@ class BatchGuard:
             spec = policy.decode(payload)
             parent = policy.field(spec, "parent_bid") if isinstance(spec, dict) else None
             parent = policy.valid_bid(parent) if parent else None
+            callbacks = policy.callback_jids(spec) if isinstance(spec, dict) else []
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
-        if parent is None:
-            return Forward(command.raw, self._record_new_batch)
-        return self._forward_admitted(command, client, parent, nest=True, on_reply=self._record_new_batch)
 
-    async def _record_new_batch(self, reply: Reply) -> bytes:
-        if reply.kind == DOLLAR and reply.payload:
-            bid = reply.payload.decode("utf-8", "replace")
-            if policy.BID.fullmatch(bid):
-                # Recorded before the client sees the bid, so its first PUSH finds the record.
-                await self._quietly("create", self.store.create(bid, OPEN))
-        return reply.raw
+        async def record(reply: Reply) -> bytes:
+            if reply.kind == DOLLAR and reply.payload:
+                bid = reply.payload.decode("utf-8", "replace")
+                if policy.BID.fullmatch(bid):
+                    # Recorded before the client sees the bid, so its first PUSH finds the record.
+                    await self._quietly("create", self.store.create(bid, OPEN))
+                    if callbacks:  # what tells a real callback from a copy pushed to the server
+                        await self._quietly("add_callbacks", self.store.add_callbacks(bid, callbacks))
+            return reply.raw
+
+        if parent is None:
+            return Forward(command.raw, record)
+        return self._forward_admitted(command, client, parent, nest=True, on_reply=record)
 
     async def _batch_open(self, bid: str, command: Command, client: Client) -> Decision:
         try:
             state = await self._store("state", self.store.state(bid))
             if state == UNKNOWN:
                 state = await self._judge_unknown(bid, client)
-                if state == OPEN or self._server_answers(state):
+                if state is None or state == OPEN:
                     return Forward(command.raw)
                 return self._refuse(self._sealed_refusal(bid, state, nest=False), command, client, bid)
             member = False
@@ -389,8 +395,8 @@ class BatchGuard:
                 self.config.unknown_batch == "verify"
                 and await self._store("state", self.store.state(bid)) == UNKNOWN
             ):
-                _, status = await ask_status(client, bid)
-                if status is None:
+                reply, _ = await ask_status(client, bid)
+                if absent(reply):
                     return Forward(command.raw)  # no such batch: the server's own error, no record
             start = await self.fence.begin_commit(bid, attempt, timeout)
         except StoreError as exc:
@@ -463,27 +469,41 @@ class BatchGuard:
         if not isinstance(custom, dict):
             return reply.raw
         callback_of = _valid(custom.get("_bid"))
+        jid = job.get("jid")
         member_of: list[str] = []
         if callback_of:
-            # Anyone can push a job that looks like a callback: only the server's own BATCH STATUS
-            # says whether the callback was enqueued, and who the parent is.
+            # Anyone can push a job that looks like a callback straight to the server: only the
+            # server's own BATCH STATUS says whether the callback was enqueued and who the parent
+            # is, and only the jid its BATCH NEW gave the callback tells the real job from a copy.
             _, status = await ask_status(client, callback_of)
             if status is not None and status.fired:
                 await self._quietly("mark_fired", self.store.mark_fired(callback_of))
                 parent = _valid(custom.get("_pbid"))
-                if parent and parent == status.parent:
+                if (
+                    self.config.mode == MEMBER_REOPEN
+                    and parent
+                    and parent == status.parent
+                    and isinstance(jid, str)
+                    and await self._is_callback(callback_of, jid)
+                ):
                     member_of.append(parent)
         bid = _valid(custom.get("bid"))
         if bid:
             member_of.append(bid)
             await self._touch(bid)
         holder = self._holder(client)
-        jid = job.get("jid")
         if self.config.mode == MEMBER_REOPEN and holder and member_of and isinstance(jid, str):
             reserve = job.get("reserve_for")
             reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
             await self._quietly("hold", self.holdings.fetched(holder, jid, member_of, reserve))
         return reply.raw
+
+    async def _is_callback(self, bid: str, jid: str) -> bool:
+        try:
+            return await self._store("is_callback", self.store.is_callback(bid, jid))
+        except StoreError as exc:  # not proven: no membership (the worker can retry its reopen later)
+            log.warning("store call failed", extra={"operation": "is_callback", "error": str(exc)})
+            return False
 
     def _finished(self, command: Command, client: Client) -> None:
         try:

@@ -80,14 +80,14 @@ def field(obj: dict, name: str) -> object:
     return obj[matches[0]] if matches else None
 
 
-def job_bid(job: object) -> str | None:
-    """The batch a job joins: its `custom.bid`, validated; None for a job outside any batch."""
-    if not isinstance(job, dict):
-        return None  # not a job: the server refuses it
-    custom = field(job, "custom")
-    if not isinstance(custom, dict):
-        return None
-    bid = custom.get("bid")
+def _custom(job: object) -> dict | None:
+    """A job's `custom` as Go's encoding/json reads it (None when absent or not an object)."""
+    custom = field(job, "custom") if isinstance(job, dict) else None
+    return custom if isinstance(custom, dict) else None
+
+
+def _bid_in(custom: dict | None) -> str | None:
+    bid = custom.get("bid") if custom is not None else None
     if bid is None or bid == "":
         return None
     return valid_bid(bid)
@@ -98,14 +98,60 @@ def job_bid(job: object) -> str | None:
 RESERVED_KEYS = ("_bid", "_pbid", "_cb")
 
 
+def _reserved_in(custom: dict | None) -> list[str]:
+    return [key for key in RESERVED_KEYS if key in custom] if custom is not None else []
+
+
+def job_bid(job: object) -> str | None:
+    """The batch a job joins: its `custom.bid`, validated; None for a job outside any batch."""
+    return _bid_in(_custom(job))
+
+
 def reserved_keys(job: object) -> list[str]:
     """The server-only keys a client's job carries in its `custom` (Go's reading of `custom`)."""
-    if not isinstance(job, dict):
-        return []
-    custom = field(job, "custom")
-    if not isinstance(custom, dict):
-        return []
-    return [key for key in RESERVED_KEYS if key in custom]
+    return _reserved_in(_custom(job))
+
+
+# Bytes after which a plain decode could read a key differently from Go: JSON escapes, and the
+# two non-ASCII letters Go's case folding maps onto ASCII (long s, Kelvin sign).
+_FOLD_TRAPS = (b"\\u", "\u017f".encode(), "\u212a".encode())
+
+
+def read_push(payload: bytes) -> tuple[str | None, list[str]]:
+    """A PUSH's (custom.bid, reserved keys), as the server would read them. Raises Malformed.
+
+    The common batch PUSH names `custom` once and `bid` once and has nothing Go would fold: then
+    no key that matters can be duplicated or ambiguous, and the plain C decoder reads what the
+    server reads (duplicates of other keys do not change the decision). Anything else goes
+    through the strict decoder, which refuses duplicate and ambiguous keys everywhere.
+    """
+    if (
+        payload.count(b'"bid"') <= 1
+        and payload.lower().count(b'"custom"') == 1
+        and not any(trap in payload for trap in _FOLD_TRAPS)
+    ):
+        try:
+            job = json.loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
+    else:
+        job = decode(payload)
+    custom = _custom(job)
+    return _bid_in(custom), _reserved_in(custom)
+
+
+JID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: it only names a set member
+
+
+def callback_jids(spec: dict) -> list[str]:
+    """The jids a BATCH NEW gives its callback jobs (`success`, `complete`), where it gives any."""
+    jids = []
+    for kind in ("success", "complete"):
+        job = field(spec, kind)
+        jid = job.get("jid") if isinstance(job, dict) else None
+        if isinstance(jid, str) and JID.fullmatch(jid):
+            jids.append(jid)
+    return jids
 
 
 def may_name_a_batch(payload: bytes) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from .decisions import Client
-from .protocol import DOLLAR, Reply
+from .protocol import DOLLAR, MINUS, Reply
 
 
 class Status:
@@ -34,6 +34,12 @@ class Status:
         fired = bool(body.get("complete_st") or body.get("success_st"))
         parent = body.get("parent_bid")
         return cls(fired, parent if isinstance(parent, str) and parent else None)
+
+
+def absent(reply: Reply) -> bool:
+    """The server's own "no such batch" (Ent writes "No such batch" before 1.9.2). Any other error
+    (Faktory OSS has no batches at all; a failure) proves nothing about the batch."""
+    return reply.kind == MINUS and b"no such batch" in (reply.payload or b"").lower()
 
 
 def status_line(bid: str) -> bytes:

@@ -113,6 +113,13 @@ class BatchStore(Protocol):
         """Call `listener(bid)` when any gateway begins committing bid (best effort: renewals
         carry the same news when a notification is lost)."""
 
+    async def add_callbacks(self, bid: str, jids: list[str]) -> None:
+        """The jids the client gave bid's callback jobs in its BATCH NEW (Go, Ruby and Rust set
+        them; the server enqueues the callbacks under those jids)."""
+
+    async def is_callback(self, bid: str, jid: str) -> bool:
+        """Was jid given to one of bid's callbacks at BATCH NEW?"""
+
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
         """Worker `wid` fetched job `jid`, which belongs to (or is a callback of a child of) `bids`."""
 

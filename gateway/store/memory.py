@@ -86,6 +86,7 @@ class MemoryStore:
         self._leases: dict[str, dict[str, int]] = {}  # bid -> {gateway: expiry_ms}
         self._attempts: dict[str, dict[str, tuple[bool, int]]] = {}  # bid -> {attempt: (sent, expiry)}
         self._held: dict[str, dict[str, tuple[list[str], int]]] = {}  # wid -> {jid: (bids, expiry)}
+        self._callbacks: dict[str, tuple[str, ...]] = {}  # bid -> its callbacks' jids
         self._wheel = ExpiryWheel()
         self._held_wheel = ExpiryWheel()
         self._listeners: list[SealListener] = []
@@ -103,6 +104,7 @@ class MemoryStore:
                 del self._batches[bid]
                 self._leases.pop(bid, None)
                 self._attempts.pop(bid, None)
+                self._callbacks.pop(bid, None)
         for wid in self._held_wheel.due(now, EXPIRE_PER_CALL):
             jobs = self._held.get(wid)
             if jobs is not None:
@@ -241,6 +243,13 @@ class MemoryStore:
 
     def on_seal(self, listener: SealListener) -> None:
         self._listeners.append(listener)
+
+    async def add_callbacks(self, bid: str, jids: list[str]) -> None:
+        if jids and self._get(bid) != UNKNOWN:
+            self._callbacks[bid] = tuple(jids)
+
+    async def is_callback(self, bid: str, jid: str) -> bool:
+        return self._get(bid) != UNKNOWN and jid in self._callbacks.get(bid, ())
 
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
         expires = self._now() + int(ttl * 1000)

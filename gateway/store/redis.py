@@ -6,6 +6,7 @@ so that each Lua script touches one Redis Cluster slot:
 - `<prefix>{<bid>}:state`     string: open | committing | committed | fired, with a TTL
 - `<prefix>{<bid>}:leases`    sorted set: gateway id -> lease expiry (Redis's clock, ms)
 - `<prefix>{<bid>}:attempts`  sorted set: commit attempt ('w:' waiting, 's:' sent) -> expiry
+- `<prefix>{<bid>}:callbacks` set: the jids its BATCH NEW gave its callbacks (mode member-reopen)
 - `<prefix>{wid:<wid>}:held`  hash: jid -> "<expiry ms> <bid> [<bid>]" (mode member-reopen)
 - channel `<prefix>seal`      a bid, published when a commit seals it (works on Cluster too:
                               PUBLISH reaches every node's subscribers)
@@ -147,6 +148,13 @@ class RedisStore:
     def _sealed(self, bid: str) -> None:
         for listener in self._listeners:
             listener(bid)
+
+    async def add_callbacks(self, bid: str, jids: list[str]) -> None:
+        key = f"{self.prefix}{{{bid}}}:callbacks"
+        await asyncio.gather(self._call("SADD", key, *jids), self._call("PEXPIRE", key, self._lifetimes[1]))
+
+    async def is_callback(self, bid: str, jid: str) -> bool:
+        return bool(await self._call("SISMEMBER", f"{self.prefix}{{{bid}}}:callbacks", jid))
 
     async def hold(self, wid: str, jid: str, bids: list[str], ttl: float) -> None:
         key, ttl_ms = self._held_key(wid), int(ttl * 1000)

@@ -45,7 +45,11 @@ def uid() -> str:
 
 
 def new_batch(client: RawClient, parent: str | None = None, queue: str = "callbacks") -> str:
-    spec = {"description": "test", "success": {"jobtype": "Done", "args": [], "queue": queue}}
+    # A callback with its own jid, as the Go, Ruby and Rust clients send it.
+    spec = {
+        "description": "test",
+        "success": {"jid": "cb-" + uid(), "jobtype": "Done", "args": [], "queue": queue},
+    }
     if parent:
         spec["parent_bid"] = parent
     return client.value("BATCH NEW " + json.dumps(spec)).decode()

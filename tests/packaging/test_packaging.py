@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import pytest
 import yaml
 
 from gateway import config as gateway_config
+from tests.support.locks import lock_pins, normalize
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "faktory-gateway"
@@ -151,20 +153,40 @@ def test_hadolint_rejects_a_careless_dockerfile(tmp_path):
 
 def test_dockerfile_shape():
     instructions = dockerfile_instructions()
-    bases = [args.split()[0] for ins, args in instructions if ins == "FROM"]
-    # Multi-stage, every base pinned to a Python minor and a Debian release, no floating tag.
-    assert len(bases) >= 2
-    for base in bases:
-        if base.startswith("python:"):
-            assert re.fullmatch(r"python:3\.1[1-9]-slim-bookworm", base), base
-    assert bases[0] == bases[-1], "the builder and the runtime must use the same Python"
+    froms = [args.split() for ins, args in instructions if ins == "FROM"]
+    stages = {words[2]: words[0] for words in froms if len(words) == 3 and words[1].upper() == "AS"}
+
+    def root(name: str) -> str:
+        """The external image a stage is built on, through stages built on stages."""
+        while name in stages:
+            name = stages[name]
+        return name
+
+    # Multi-stage, every stage on the one Debian release with Debian's own python3 (see
+    # docs/decisions.md), so the builder's wheels match the runtime's interpreter exactly.
+    assert len(froms) >= 3
+    assert {root(words[0]) for words in froms} == {"debian:bookworm-slim"}
+    assert root(froms[-1][0]) == root(froms[0][0]) and froms[-1][0] in stages, "the builder's own Python"
     builder = " ".join(args for ins, args in instructions if ins == "RUN")
-    assert "pip wheel" in builder and "--no-deps" in builder
+    assert re.search(r"apt-get install -y --no-install-recommends python3=3\.11\.\S+", builder)
+    assert "pip wheel" in builder and "--no-deps" in builder and "--no-build-isolation" in builder
+    # Every file pip fetches is pinned by hash in the lock, and nothing is compiled.
+    fetches = [args for ins, args in instructions if ins == "RUN" and "/bin/pip download" in args]
+    assert len(fetches) == 1
+    assert "--mount=type=secret,id=pip-ca,required=false" in fetches[0], "the CA is a secret, not a layer"
+    pip_calls = [cmd for cmd in fetches[0].split("&&") if "/bin/pip " in cmd]
+    assert {re.search(r"image-\S*requirements\.txt", cmd)[0] for cmd in pip_calls} == {
+        "image-requirements.txt",
+        "image-build-requirements.txt",
+    }
+    for cmd in pip_calls:
+        assert "--require-hashes" in cmd and "--only-binary=:all:" in cmd, cmd
 
     final = final_stage()
     run = [args for ins, args in final if ins == "RUN"]
     assert len(run) >= 2, "dependencies and the gateway are installed in separate layers"
-    assert "/wheels" in run[0] and "--no-index" in run[0]
+    assert "/wheels" in run[0] and "--no-index" in run[0] and "--require-hashes" in run[0]
+    assert "venv --without-pip" in run[0], "no pip in the image"
     assert "--no-deps" in run[-1] and "--no-index" in run[-1]
     assert all("--no-cache-dir" in args for args in run)
     assert not any(ins == "COPY" for ins, _ in final), "no source or wheel is copied into the image"
@@ -725,10 +747,64 @@ def test_compose_runs_two_gateways_on_one_redis():
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
     (shared,) = redis_hosts
     assert shared.split("//")[1].split(":")[0] in redis_services, "one Redis, shared by both gateways"
-    producer_url = services["producer"]["environment"]["FAKTORY_URL"]
-    host = producer_url.split("//")[1].split(":")[0]
-    assert host in gateways, "the demo producer talks to a gateway, not to Faktory"
-    assert services["producer"]["depends_on"][host]["condition"] == "service_healthy"
+    producers = {name: svc for name, svc in services.items() if "FAKTORY_URL" in svc.get("environment", {})}
+    hosts = set()
+    for producer in producers.values():
+        host = producer["environment"]["FAKTORY_URL"].split("//")[1].split(":")[0]
+        assert host in gateways, "a demo producer talks to a gateway, not to Faktory"
+        assert producer["depends_on"][host]["condition"] == "service_healthy"
+        hosts.add(host)
+    assert hosts == set(gateways), "each gateway has a demo producer"
+    assert re.fullmatch(r"redis:\d+\.\d+-bookworm", services["redis"]["image"]), "pinned"
+    assert "name" not in compose, "Debian's docker-compose 1.29 refuses a top-level name"
+
+
+def test_compose_ci_override_changes_only_what_ci_cannot_have():
+    """tests/image/compose.ci.yaml swaps images for local ones and adds the Ent stand-in; no more."""
+    published = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    override = yaml.safe_load((ROOT / "tests" / "image" / "compose.ci.yaml").read_text())["services"]
+    allowed = {"image", "pull_policy", "entrypoint", "command"}
+    for name, svc in override.items():
+        if name == "standin":
+            continue
+        assert name in published, f"the override invents {name}"
+        changed = set(svc) - allowed
+        if name.startswith("gateway-"):
+            assert changed <= {"environment", "depends_on"} and set(svc["environment"]) == {
+                "FAKTORY_GATEWAY_UPSTREAM"
+            }, svc
+        else:
+            assert not changed, (name, changed)
+        if "image" in svc:
+            assert svc.get("pull_policy") == "never", name
+
+
+def test_image_lock_pins_every_dependency_with_hashes():
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for lock, wanted in (
+        ("image-requirements.txt", project["project"]["dependencies"]),
+        ("image-build-requirements.txt", project["build-system"]["requires"]),
+    ):
+        path = ROOT / "packaging" / lock
+        assert "autogenerated by pip-compile with Python 3.11" in path.read_text(), "Debian's python3"
+        pins = lock_pins(path)
+        for spec in map(Requirement, wanted):
+            name = normalize(spec.name)
+            assert name in pins, f"{lock} lacks {name}: run scripts/lock-image-deps.sh"
+            assert spec.specifier.contains(pins[name][0]), f"{lock}: {name}=={pins[name][0]} is not {spec}"
+            if "hiredis" in spec.extras:
+                assert "hiredis" in pins, f"{lock} lacks the hiredis extra"
+    # The interpreter in the image is 3.11.2: redis needs async-timeout below 3.11.3.
+    assert "async-timeout" in lock_pins(ROOT / "packaging" / "image-requirements.txt")
+
+
+def test_lock_parser_rejects_an_unhashed_pin(tmp_path):
+    bad = tmp_path / "lock.txt"
+    bad.write_text("uvloop==0.21.0\n")
+    with pytest.raises(AssertionError, match="not an exact pin with hashes"):
+        lock_pins(bad)
 
 
 def test_packaging_requirements_pin_ranges():

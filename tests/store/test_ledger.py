@@ -336,3 +336,12 @@ async def test_redis_keeps_committed_batches_across_restarts_of_redis_and_the_ga
             await after.close()
     finally:
         server.cleanup()
+
+
+async def test_callback_jids_are_remembered_with_their_batch(ledger):
+    store, bid = ledger.store, new_bid()
+    await store.create(bid)
+    await store.add_callbacks(bid, ["cb-1", "cb-2"])
+    assert await store.is_callback(bid, "cb-1") and await store.is_callback(bid, "cb-2")
+    assert not await store.is_callback(bid, "copy")
+    assert not await store.is_callback(new_bid(), "cb-1")

@@ -24,10 +24,22 @@ def pwdhash(password: str, salt: str, iterations: int) -> str:
 
 
 class RawClient:
-    def __init__(self, url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        source: str | None = None,
+    ):
+        """`source`: the local address to connect from (any of 127.0.0.0/8 reaches loopback on Linux),
+        for tests that need a client to come from another address than 127.0.0.1."""
         parts = urlsplit(url)
         self.password = parts.password
-        sock = socket.create_connection((parts.hostname, parts.port or 7419), timeout=timeout)
+        sock = socket.create_connection(
+            (parts.hostname, parts.port or 7419),
+            timeout=timeout,
+            source_address=(source, 0) if source else None,
+        )
         if parts.scheme == "tcp+tls":
             sock = (ssl_context or ssl.create_default_context()).wrap_socket(
                 sock, server_hostname=parts.hostname

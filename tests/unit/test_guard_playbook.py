@@ -376,3 +376,31 @@ async def test_deep_json_gets_the_servers_answer_not_a_closed_connection(store):
     assert refused.data.startswith(b"-ERR MALFORMED")
     fetched = await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(deep.encode())))
     assert fetched.startswith(b"$")
+
+
+async def test_only_the_real_child_callback_lets_its_worker_reopen_the_parent(store):
+    """A copy of a fired child's callback, pushed straight to the server, carries the right _bid
+    and _pbid; only the jid the child's BATCH NEW gave its callback tells the real one apart."""
+    guard = BatchGuard(store, config(mode="member-reopen"), Metrics())
+    creator, worker, attacker = FakeClient(), FakeClient(wid="w", peer="10.0.0.1:1"), FakeClient(wid="a")
+    await committed(guard, store, "b-parent", creator)
+    await store.reopen("b-parent")  # a member reopened the parent to add the child
+    spec = {"parent_bid": "b-parent", "success": {"jid": "cb-real", "jobtype": "Step2"}}
+    new = await decide(guard, "BATCH NEW " + json.dumps(spec), creator)
+    await answer(new, reply_of(bulk_reply(b"b-child")))
+    await store.finish_commit("b-parent", "x", committed=True)
+    for client in (worker, attacker):
+        client.status("b-child", complete_st="1", parent="b-parent")
+    callback = {
+        "jobtype": "Step2",
+        "args": [],
+        "custom": {"_bid": "b-child", "_pbid": "b-parent", "_cb": "success"},
+    }
+    copy = json.dumps({**callback, "jid": "cb-copy"}).encode()
+    await answer(await decide(guard, "FETCH q", attacker), reply_of(bulk_reply(copy)))
+    refused = await decide(guard, "BATCH OPEN b-parent", attacker)
+    assert refused.data.startswith(b"-ERR BATCH_COMMITTED")
+    real = json.dumps({**callback, "jid": "cb-real"}).encode()
+    await answer(await decide(guard, "FETCH q", worker), reply_of(bulk_reply(real)))
+    worker.status("b-parent")  # the parent has not fired
+    assert isinstance(await decide(guard, "BATCH OPEN b-parent", worker), Forward)

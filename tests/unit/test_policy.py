@@ -148,3 +148,35 @@ def test_reserved_keys_are_the_servers(job, keys):
     if keys:
         payload = json.dumps(job, ensure_ascii=False).encode()
         assert policy.may_name_a_batch(payload)
+
+
+_keys = st.sampled_from(
+    ["jid", "custom", "Custom", "bid", "_bid", "_pbid", "_cb", "args", "cu\u017ftom", "x"]
+)
+_values = st.recursive(
+    st.none() | st.integers() | st.sampled_from(["", "b-1", "b-2", "b 3"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(_keys, _values, max_size=5))
+def test_the_quick_push_reading_agrees_with_the_strict_one(job):
+    """read_push skips the strict decoder for the common shape; it must never read differently."""
+    payload = json.dumps(job, ensure_ascii=False).encode()
+    try:
+        strict = policy.job_bid(policy.decode(payload)), policy.reserved_keys(policy.decode(payload))
+    except Malformed:
+        strict = Malformed
+    try:
+        quick = policy.read_push(payload)
+    except Malformed:
+        quick = Malformed
+    assert quick == strict
+
+
+def test_the_quick_reading_still_refuses_a_second_custom():
+    with pytest.raises(Malformed):
+        policy.read_push(b'{"custom":{"bid":"b-1"},"CUSTOM":{"bid":"b-2"}}')
+    with pytest.raises(Malformed):
+        policy.read_push(b'{"custom":{"bid":"b-1","bid":"b-2"}}')
