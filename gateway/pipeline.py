@@ -38,9 +38,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 from .decisions import Client, Decision, Forward, ReplyHandler, Respond, Ticket
-from .metrics import verb_label
+from .metrics import VERB_LABELS, verb_label
 from .policy import Malformed, decode
-from .protocol import MINUS, Command, CommandReader, Reply, frame_end, reply_at
+from .protocol import COLON, MINUS, PLUS, Command, CommandReader, Reply, frame_end, reply_at
 
 log = logging.getLogger("gateway.session")
 perf_counter = time.perf_counter
@@ -55,6 +55,10 @@ class Phase(enum.Enum):
     READY = "ready"  # decisions are synchronous: the fast lane is open
     DECIDING = "deciding"  # a decision is awaited: later commands are held, in order
     CLOSED = "closed"  # the client is gone: nothing more is written to it
+
+
+# The members as module constants: an Enum attribute lookup costs more than the rest of a test.
+HANDSHAKE, READY, DECIDING, CLOSED = Phase.HANDSHAKE, Phase.READY, Phase.DECIDING, Phase.CLOSED
 
 
 class Rules(Protocol):
@@ -159,7 +163,7 @@ class Pipeline:
         self.wake = wake
         self.abort = abort
         self.fail = fail
-        self.phase = Phase.HANDSHAKE
+        self.phase = HANDSHAKE
         self.upstream_open = True  # False once the upstream connection is lost
         self.wid: str | None = None
         self.commands = CommandReader(max_line)
@@ -169,8 +173,10 @@ class Pipeline:
         self.in_flight = 0  # client commands received and not yet answered to the client
         self.reset_on_close = False  # a ticketed command went upstream: close must reset (fence)
         self._fetches_owed = 0  # FETCHes on the full path sent and unanswered
-        self._to_server: list[bytes] = []
-        self._to_client: list[bytes] = []
+        # What is to be written to either side, in order (to_server() and to_client() take it);
+        # the driver may test them for emptiness directly.
+        self.server_out: list[bytes] = []
+        self.client_out: list[bytes] = []
         self._tail = bytearray()  # an incomplete reply frame
         self._need = 0  # bytes the incomplete frame needs before it is worth framing again
         self._when_answered: list[tuple[Callable[[], None], Callable[[], None]]] = []
@@ -183,7 +189,7 @@ class Pipeline:
     # Output
 
     def to_server(self) -> bytes:
-        out = self._to_server
+        out = self.server_out
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
@@ -191,7 +197,7 @@ class Pipeline:
         return data
 
     def to_client(self) -> bytes:
-        out = self._to_client
+        out = self.client_out
         if not out:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
@@ -204,8 +210,8 @@ class Pipeline:
     def on_client_data(self, data: bytes) -> None:
         """Raises FrameTooLarge for a line longer than `max_line`."""
         now = perf_counter()
-        if self.phase is Phase.READY and self.upstream_open and (end := data.rfind(b"\n") + 1):
-            if self.commands.buffered:  # the chunk starts with the rest of a line read before
+        if self.phase is READY and self.upstream_open and (end := data.rfind(b"\n") + 1):
+            if self.commands._buffer:  # the chunk starts with the rest of a line read before
                 start = self.commands.take()
                 data = start + data
                 end += len(start)
@@ -225,7 +231,7 @@ class Pipeline:
                     self.slots.append(run)
                     self.waiting.append(run)
                     self.in_flight += run.owed
-                    self._to_server.append(chunk)
+                    self.server_out.append(chunk)
                     return
         commands = self.commands.feed(data)
         for command in commands:
@@ -233,24 +239,24 @@ class Pipeline:
 
     def _on_command(self, command: Command, now: float) -> None:
         phase = self.phase
-        if phase is Phase.DECIDING:
+        if phase is DECIDING:
             self.held.append((command, now))
             self.in_flight += 1
             return
-        if phase is Phase.HANDSHAKE:
+        if phase is HANDSHAKE:
             self._on_first_line(command)
         decision = self.guard.decide(command, self.client)
         if decision is None or type(decision) is Forward or type(decision) is Respond:
             self._apply(command, now, decision)
         else:
-            self.phase = Phase.DECIDING
+            self.phase = DECIDING
             if self.held is None:
                 self.held = deque()
             self.spawn(self._decide_in_order(command, now, decision))
 
     def _on_first_line(self, command: Command) -> None:
         """The handshake line is relayed as it is; the gateway only notes the worker id."""
-        self.phase = Phase.READY
+        self.phase = READY
         if command.verb == b"HELLO":
             try:
                 hello = decode(command.args)
@@ -266,7 +272,7 @@ class Pipeline:
             self._apply(command, received, await decision)
             self.wake()
             held = self.held
-            while held and self.phase is Phase.DECIDING:
+            while held and self.phase is DECIDING:
                 command, received = held.popleft()
                 self.in_flight -= 1
                 decision = self.guard.decide(command, self.client)
@@ -280,8 +286,8 @@ class Pipeline:
             )
             self.fail()
         finally:
-            if self.phase is Phase.DECIDING:
-                self.phase = Phase.READY
+            if self.phase is DECIDING:
+                self.phase = READY
             self.wake()
 
     def _apply(self, command: Command, received: float, decision: Decision) -> None:
@@ -309,12 +315,12 @@ class Pipeline:
         ticket: Ticket | None,
         linger: bool,
     ) -> None:
-        if self.phase is Phase.CLOSED or not self.upstream_open:
+        if self.phase is CLOSED or not self.upstream_open:
             if ticket is not None:
                 ticket.answered()  # never written: the admission ends here
             return
         if command.verb == b"END":  # the one command with no reply: the server just closes
-            self._to_server.append(data)
+            self.server_out.append(data)
             return
         slot = Slot(verb_label(command.verb), received)
         self.in_flight += 1
@@ -334,14 +340,14 @@ class Pipeline:
         self.waiting.append(Owed(slot, on_reply, ticket, linger, fetch))
         if fetch:
             self._fetches_owed += 1
-        self._to_server.append(data)
+        self.server_out.append(data)
         if ticket is not None:
             ticket.written(self.abort)
 
     def ask(self, line: bytes, answer: Callable[[Reply], None], lost: Callable[[], None]) -> None:
         """Send a command of the gateway's own; its reply goes to `answer`, not to the client."""
         self.waiting.append(Question(answer, lost))
-        self._to_server.append(line)
+        self.server_out.append(line)
 
     # ------------------------------------------------------------------------------------------
     # Server replies
@@ -369,13 +375,19 @@ class Pipeline:
                 start = pos
                 left = head.owed - head.answered
                 while left:
-                    end = frame_end(data, pos, max_bulk)
-                    if end > size:
-                        break
-                    if data[pos] == MINUS:
-                        if head.errors is None:
-                            head.errors = []
-                        head.errors.append(head.answered)
+                    kind = data[pos]
+                    if kind == PLUS or kind == COLON:  # a line (frame_end's checks, inlined)
+                        end = data.find(b"\r\n", pos) + 2
+                        if end == 1:
+                            break
+                    else:
+                        end = frame_end(data, pos, max_bulk)
+                        if end > size:
+                            break
+                        if kind == MINUS:
+                            if head.errors is None:
+                                head.errors = []
+                            head.errors.append(head.answered)
                     head.answered += 1
                     left -= 1
                     pos = end
@@ -484,10 +496,10 @@ class Pipeline:
     # Writing to the client, in order
 
     def _flush(self) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.phase is CLOSED:
             return
         slots = self.slots
-        out = self._to_client
+        out = self.client_out
         now = 0.0
         while slots:
             head = slots[0]
@@ -518,7 +530,8 @@ class Pipeline:
         added = elapsed - run.upstream_time
         errors = run.errors
         if run.owed == 1:
-            self.command_done(verb_label(run.verbs[0]), "ok" if errors is None else "error", elapsed, added)
+            verb = VERB_LABELS.get(run.verbs[0], "other")
+            self.command_done(verb, "ok" if errors is None else "error", elapsed, added)
             return
         verbs = run.verbs if run.owed == len(run.verbs) else run.verbs[: run.owed]
         for index, verb in enumerate(verbs):
@@ -552,7 +565,7 @@ class Pipeline:
     @property
     def idle(self) -> bool:
         """Nothing received is unanswered, nothing is held back, no line is half read."""
-        return not self.slots and self.phase is not Phase.DECIDING and not self.commands.buffered
+        return not self.slots and self.phase is not DECIDING and not self.commands.buffered
 
     def close(self) -> None:
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED

@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import Limits
 from .metrics import Metrics
-from .pipeline import Phase, Pipeline, Rules
+from .pipeline import DECIDING, HANDSHAKE, Pipeline, Rules
 from .protocol import FrameTooLarge, ProtocolError, Reply, error_reply
 
 log = logging.getLogger("gateway.session")
@@ -56,13 +56,11 @@ class SessionContext:
 class _Upstream(asyncio.Protocol):
     """The upstream side of a session: hands everything to the session."""
 
-    __slots__ = ("session",)
+    __slots__ = ("data_received", "session")
 
     def __init__(self, session: Session):
         self.session = session
-
-    def data_received(self, data: bytes) -> None:
-        self.session.upstream_data(data)
+        self.data_received = session.upstream_data  # one call less per read
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.upstream_lost(exc)
@@ -197,7 +195,7 @@ class Session(asyncio.Protocol):
                 error_reply("LINE_TOO_LONG", f"command longer than {self.pipeline.max_line} bytes; closing")
             )
             return
-        if self._handshake_timer is not None and self.pipeline.phase is not Phase.HANDSHAKE:
+        if self._handshake_timer is not None and self.pipeline.phase is not HANDSHAKE:
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self._pump()
@@ -205,17 +203,20 @@ class Session(asyncio.Protocol):
     def _pump(self) -> None:
         """Write what the pipeline has for either side, then apply back-pressure and closing."""
         pipeline = self.pipeline
-        if pipeline._to_server and self.upstream is not None and pipeline.upstream_open:
+        if pipeline.server_out:
             if pipeline.reset_on_close and not self._resets_on_close:
                 self._reset_on_close()  # before the first ticketed command is written
-            self.upstream.write(pipeline.to_server())
-        if pipeline._to_client and not self.closed:
+            data = pipeline.to_server()
+            if self.upstream is not None and pipeline.upstream_open:
+                self.upstream.write(data)
+        if pipeline.client_out:
             data = pipeline.to_client()
-            self.client.write(data)
-            self.hot.bytes_sent += len(data)
+            if not self.closed:
+                self.client.write(data)
+                self.hot.bytes_sent += len(data)
         if pipeline.in_flight >= self.max_pipeline:
             self.pause_client("pipeline")
-        elif "pipeline" in self._pauses and pipeline.phase is not Phase.DECIDING:
+        elif "pipeline" in self._pauses and pipeline.phase is not DECIDING:
             self.resume_client("pipeline")
         if self.draining or not pipeline.upstream_open:
             self._close_if_done()
@@ -297,7 +298,7 @@ class Session(asyncio.Protocol):
             self.upstream.resume_reading()
 
     def _handshake_expired(self) -> None:
-        if self.pipeline.phase is Phase.HANDSHAKE and not self.closed:
+        if self.pipeline.phase is HANDSHAKE and not self.closed:
             self.metrics.refusals.labels("HANDSHAKE_TIMEOUT").inc()
             self.fail(error_reply("HANDSHAKE_TIMEOUT", "no HELLO in time; closing"))
 
