@@ -177,6 +177,8 @@ class Pipeline:
         # the driver may test them for emptiness directly.
         self.server_out: list[bytes] = []
         self.client_out: list[bytes] = []
+        self.done: list[Slot | Run] = []  # answered to client_out, not counted yet (count_done)
+        self._done_at = 0.0
         self._tail = bytearray()  # an incomplete reply frame
         self._need = 0  # bytes the incomplete frame needs before it is worth framing again
         self._when_answered: list[tuple[Callable[[], None], Callable[[], None]]] = []
@@ -496,11 +498,13 @@ class Pipeline:
     # Writing to the client, in order
 
     def _flush(self) -> None:
+        """Move the replies at the head of `slots` to client_out, in order. What they answered is
+        counted (metrics) by count_done(), which the driver calls after writing them."""
         if self.phase is CLOSED:
             return
         slots = self.slots
         out = self.client_out
-        now = 0.0
+        done = self.done
         while slots:
             head = slots[0]
             if type(head) is Run:
@@ -508,22 +512,32 @@ class Pipeline:
                     out += head.data
                     head.data.clear()
                 if head.answered < head.owed:
-                    return
+                    break
                 slots.popleft()
                 if head.owed:
                     self.in_flight -= head.owed
-                    now = now or perf_counter()
-                    self._count_run(head, now)
+                    done.append(head)
             else:
                 if head.data is None:
-                    return
+                    break
                 slots.popleft()
                 out.append(head.data)
                 if head.verb is not None:  # None: not the reply to a command
                     self.in_flight -= 1
-                    now = now or perf_counter()
-                    elapsed = now - head.received
-                    self.command_done(head.verb, head.result, elapsed, elapsed - head.upstream_time)
+                    done.append(head)
+        if done and not self._done_at:
+            self._done_at = perf_counter()
+
+    def count_done(self) -> None:
+        """Per-command metrics for the replies moved to client_out, once they were written."""
+        done, self.done = self.done, []
+        now, self._done_at = self._done_at, 0.0
+        for entry in done:
+            if type(entry) is Run:
+                self._count_run(entry, now)
+            else:
+                elapsed = now - entry.received
+                self.command_done(entry.verb, entry.result, elapsed, elapsed - entry.upstream_time)
 
     def _count_run(self, run: Run, now: float) -> None:
         elapsed = now - run.received

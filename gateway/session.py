@@ -214,6 +214,8 @@ class Session(asyncio.Protocol):
             if not self.closed:
                 self.client.write(data)
                 self.hot.bytes_sent += len(data)
+            if pipeline.done:
+                pipeline.count_done()  # after the write: metrics stay off the reply's path
         if pipeline.in_flight >= self.max_pipeline:
             self.pause_client("pipeline")
         elif "pipeline" in self._pauses and pipeline.phase is not DECIDING:

@@ -95,6 +95,7 @@ class Harness:
     def collect(self) -> None:
         self.server += self.pipeline.to_server()
         self.client += self.pipeline.to_client()
+        self.pipeline.count_done()
 
     def from_client(self, data: bytes) -> None:
         self.pipeline.on_client_data(data)
