@@ -534,7 +534,13 @@ class Pipeline:
         now, self._done_at = self._done_at, 0.0
         for entry in done:
             if type(entry) is Run:
-                self._count_run(entry, now)
+                if entry.owed == 1:  # the common run: one command
+                    elapsed = now - entry.received
+                    verb = VERB_LABELS.get(entry.verbs[0], "other")
+                    result = "ok" if entry.errors is None else "error"
+                    self.command_done(verb, result, elapsed, elapsed - entry.upstream_time)
+                else:
+                    self._count_run(entry, now)
             else:
                 elapsed = now - entry.received
                 self.command_done(entry.verb, entry.result, elapsed, elapsed - entry.upstream_time)
@@ -543,10 +549,6 @@ class Pipeline:
         elapsed = now - run.received
         added = elapsed - run.upstream_time
         errors = run.errors
-        if run.owed == 1:
-            verb = VERB_LABELS.get(run.verbs[0], "other")
-            self.command_done(verb, "ok" if errors is None else "error", elapsed, added)
-            return
         verbs = run.verbs if run.owed == len(run.verbs) else run.verbs[: run.owed]
         for index, verb in enumerate(verbs):
             result = "error" if errors is not None and index in errors else "ok"

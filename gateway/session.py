@@ -203,14 +203,18 @@ class Session(asyncio.Protocol):
     def _pump(self) -> None:
         """Write what the pipeline has for either side, then apply back-pressure and closing."""
         pipeline = self.pipeline
-        if pipeline.server_out:
+        out = pipeline.server_out  # what to_server() would join, taken without the call
+        if out:
             if pipeline.reset_on_close and not self._resets_on_close:
                 self._reset_on_close()  # before the first ticketed command is written
-            data = pipeline.to_server()
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             if self.upstream is not None and pipeline.upstream_open:
                 self.upstream.write(data)
-        if pipeline.client_out:
-            data = pipeline.to_client()
+        out = pipeline.client_out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             if not self.closed:
                 self.client.write(data)
                 self.hot.bytes_sent += len(data)
