@@ -90,13 +90,16 @@ class Run:
     """A chunk of `owed` commands forwarded unread (the fast lane); `answered` replies came, and
     `data` holds those not written to the client yet. Both a slot and an owed entry."""
 
-    __slots__ = ("answered", "data", "errors", "fetches", "owed", "received", "upstream_time", "verbs")
+    __slots__ = (
+        "answered", "data", "errors", "fetches", "owed", "received", "upstream_time", "verbs", "written"
+    )  # fmt: skip
 
     def __init__(self, verbs: list[bytes], received: float):
         self.verbs = verbs
         self.owed = len(verbs)
         self.fetches = b"FETCH" in verbs
         self.answered = 0
+        self.written = 0  # replies moved to the client's output
         self.data: list[bytes] = []
         self.errors: list[int] | None = None  # indexes of commands answered with an error
         self.received = received
@@ -511,11 +514,12 @@ class Pipeline:
                 if head.data:
                     out += head.data
                     head.data.clear()
+                    self.in_flight -= head.answered - head.written
+                    head.written = head.answered
                 if head.answered < head.owed:
                     break
                 slots.popleft()
                 if head.owed:
-                    self.in_flight -= head.owed
                     done.append(head)
             else:
                 if head.data is None:
