@@ -41,6 +41,8 @@ log = logging.getLogger("gateway.guard")
 
 TOUCH_EVERY = 3600.0  # a committed record is refreshed at most this often per batch per gateway
 MEMBER_BID = re.compile(rb'"bid"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+ALWAYS_DECIDED = frozenset((b"BATCH", b"QUEUE"))  # verbs decide() may answer whatever their bytes
+FINISHING = frozenset((b"ACK", b"FAIL"))  # decided only while this gateway holds jobs for the worker
 
 
 class BatchGuard:
@@ -75,7 +77,7 @@ class BatchGuard:
         if verb == b"PUSH":
             return self._push(command, client) if policy.may_name_a_batch(command.args) else None
         if verb == b"FETCH":
-            return Forward(command.raw, lambda reply: self._fetched(reply, client))
+            return Forward(command.raw, self.fetch_reply_handler(client))
         if verb == b"BATCH":
             return self._batch(command, client)
         if verb == b"PUSHB":
@@ -88,6 +90,28 @@ class BatchGuard:
                 command, client, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
             )
         return None
+
+    # ------------------------------------------------------------------------------------------
+    # The fast lane (pipeline.py): chunks and replies that need no decision
+
+    def unchecked(self, verbs: list[bytes], chunk: bytes, client: Client) -> bool:
+        """True when decide() would forward every command of `chunk` (whole lines, with these
+        verbs) unchanged and touch no state, FETCH aside: its decision only concerns its reply
+        (fetch_reply_handler, needed only where fetch_reply_needs_rules). A cheap superset check:
+        False sends the chunk through decide(), command by command."""
+        if not ALWAYS_DECIDED.isdisjoint(verbs) or policy.may_name_a_batch(chunk):
+            return False
+        return FINISHING.isdisjoint(verbs) or not self.holdings.holds_any(self._holder(client))
+
+    def fetch_reply_handler(self, client: Client):
+        """The reply handler of a FETCH (the one decide() gives it)."""
+        return lambda reply: self._fetched(reply, client)
+
+    @staticmethod
+    def fetch_reply_needs_rules(data: bytes) -> bool:
+        """False when no FETCH reply within `data` can be seen by _fetched: it reads only jobs
+        whose bytes name a batch (`bid"` also finds `"_bid"`); for the rest it returns the reply."""
+        return b'bid"' in data
 
     # ------------------------------------------------------------------------------------------
     # Outcomes: refusals, shadow mode and store failures each handled in one place

@@ -24,6 +24,8 @@ __all__ = [
     "ReplyReader",
     "bulk_reply",
     "error_reply",
+    "frame_end",
+    "reply_at",
 ]
 
 
@@ -90,6 +92,13 @@ class CommandReader:
         if len(buffer) > self.max_line:
             raise FrameTooLarge(f"line longer than {self.max_line} bytes")
         return commands
+
+    def take(self) -> bytes:
+        """Hand back the incomplete line held so far, and hold nothing (the fast lane reads on from it)."""
+        held = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        return held
 
     @property
     def buffered(self) -> int:
@@ -177,6 +186,49 @@ class ReplyReader:
             del buffer[:start]
         self._need = need
         return replies
+
+
+def frame_end(data: bytes, start: int, max_bulk: int) -> int:
+    """Where the RESP frame that begins at `start` ends: an offset past its last byte.
+
+    An offset beyond `len(data)` means the frame is incomplete; for a bulk string it is exactly
+    where the frame will end, for a line it is `len(data) + 1` (its end is not known yet). Raises
+    ProtocolError for anything that is not RESP, with the same checks as ReplyReader.
+    """
+    size = len(data)
+    kind = data[start]
+    header_end = data.find(b"\r\n", start)
+    if kind not in (PLUS, MINUS, COLON, DOLLAR):
+        raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
+    if header_end < 0:
+        if size - start > (64 if kind == DOLLAR else max_bulk):
+            raise FrameTooLarge("server line too long")
+        return size + 1
+    if kind != DOLLAR:
+        return header_end + 2
+    digits = data[start + 1 : header_end]
+    if not (digits.isdigit() or digits == b"-1"):  # int() would also take " 3" or "1_0"
+        raise ProtocolError(f"bad bulk length {digits[:40]!r}")
+    length = int(digits)
+    if length == -1:
+        return header_end + 2
+    if length > max_bulk:
+        raise FrameTooLarge(f"bulk string of {length} bytes")
+    end = header_end + 4 + length
+    if end <= size and data[end - 2 : end] != b"\r\n":
+        raise ProtocolError("bulk string not followed by CRLF")
+    return end
+
+
+def reply_at(data: bytes, start: int, end: int) -> Reply:
+    """The Reply object for the whole frame data[start:end] (found by frame_end)."""
+    raw = data if start == 0 and end == len(data) else data[start:end]
+    kind = raw[0]
+    if kind != DOLLAR:
+        return Reply(kind, raw[1:-2], raw)
+    if raw == b"$-1\r\n":
+        return Reply(kind, None, raw)
+    return Reply(kind, raw[raw.index(b"\r\n") + 2 : -2], raw)
 
 
 OK_REPLY = b"+OK\r\n"

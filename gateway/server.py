@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .config import Config
 from .metrics import Metrics
 from .protocol import error_reply
-from .session import Session
+from .session import Session, SessionContext
 
 if TYPE_CHECKING:
     from .guard import BatchGuard
@@ -56,9 +56,9 @@ class _Refuse(asyncio.Protocol):
 
 class Server:
     def __init__(self, config: Config, metrics: Metrics, guard: BatchGuard):
-        self.config = config
         self.metrics = metrics
         self.guard = guard
+        self.config = config  # also builds the sessions' context
         self.sessions: set[Session] = set()
         self.state = "starting"
         self.upstream_ssl = upstream_ssl_context(config)
@@ -66,6 +66,38 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
         self._sweeper: asyncio.Task | None = None
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A reload (app.py) takes effect for sessions opened from now on."""
+        self._config = config
+        self._context = SessionContext(
+            limits=config.limits,
+            metrics=self.metrics,
+            guard=self.guard,
+            upstream=str(config.upstream),
+            dial=self._dial,
+            opened=self.session_opened,
+            closed=self.session_closed,
+        )
+
+    async def _dial(self, protocol_factory) -> asyncio.Transport:
+        upstream = self.config.upstream
+        transport, _ = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(
+                protocol_factory,
+                upstream.host,
+                upstream.port,
+                ssl=self.upstream_ssl,
+                server_hostname=upstream.host if self.upstream_ssl else None,
+            ),
+            self.config.limits.upstream_connect_timeout,
+        )
+        return transport
 
     async def start(self) -> None:
         listen = self.config.listen
@@ -87,7 +119,7 @@ class Server:
             return _Refuse(
                 error_reply("TOO_MANY_CONNECTIONS", f"the gateway's limit of {limit} connections is reached")
             )
-        return Session(self)
+        return Session(self._context)
 
     def session_opened(self, session: Session) -> None:
         self.sessions.add(session)
@@ -111,7 +143,7 @@ class Server:
         while True:
             await asyncio.sleep(min(1.0, timeout / 2))
             cutoff = time.monotonic() - timeout
-            for session in [s for s in self.sessions if s.last_activity < cutoff and not s.slots]:
+            for session in [s for s in self.sessions if s.last_activity < cutoff and not s.busy]:
                 log.info("closing idle connection", extra={"peer": session.peer, "code": "IDLE_TIMEOUT"})
                 session.close()
 

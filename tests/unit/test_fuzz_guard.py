@@ -2,7 +2,7 @@
 
 Random and hostile payloads (random JSON with the keys the rules read spelt in every way Go reads
 them, deep nesting, random bytes, escapes, trailing garbage) go in as PUSH, PUSHB, BATCH
-NEW/OPEN/COMMIT/STATUS, ACK and FAIL arguments, as HELLO lines (through the session's own
+NEW/OPEN/COMMIT/STATUS, ACK and FAIL arguments, as HELLO lines (through the pipeline's own
 first-line handling), as FETCH and BATCH STATUS replies to the guard's handlers, and as the server's
 answers to the guard's own BATCH STATUS questions. Whatever comes in, the guard must not raise:
 it returns None, Forward or Respond (or an awaitable of one), every refusal is one well-formed
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from gateway.decisions import Forward, Respond
 from gateway.guard import BatchGuard
 from gateway.metrics import Metrics
+from gateway.pipeline import Phase, Pipeline
 from gateway.protocol import Command, bulk_reply
-from gateway.session import Session
 from gateway.store import OPEN
 from gateway.store.memory import MemoryStore
 from tests.unit.test_guard_playbook import DAY, FakeClient, answer, committed, config, reply_of
@@ -341,11 +341,11 @@ def test_fetch_replies_are_watched_never_changed(mode, fetched, answers, wid):
 
 
 def hello(command: Command) -> str | None:
-    """The session's own handling of the first line (Session._on_first_line), on a bare stand-in."""
-    session = types.SimpleNamespace(hello_seen=False, _handshake_timer=None, wid=None)
-    Session._on_first_line(session, command)
-    assert session.hello_seen
-    return session.wid
+    """The pipeline's own handling of the first line (Pipeline._on_first_line), on a bare stand-in."""
+    pipeline = types.SimpleNamespace(phase=Phase.HANDSHAKE, wid=None)
+    Pipeline._on_first_line(pipeline, command)
+    assert pipeline.phase is Phase.READY
+    return pipeline.wid
 
 
 @FUZZ
