@@ -225,16 +225,24 @@ class Fence:
 
     def _extend(self, lease: _Lease, started: float) -> None:
         deadline = started + VALID_FOR
-        if deadline <= lease.deadline:
-            return
-        lease.deadline = deadline
-        if lease.timer is not None:
-            lease.timer.cancel()
-        loop = asyncio.get_running_loop()
-        lease.timer = loop.call_at(loop.time() + (deadline - monotonic()), self._deadline_passed, lease)
+        if deadline > lease.deadline:
+            lease.deadline = deadline
+            if lease.timer is None:
+                self._arm(lease)
 
-    def _deadline_passed(self, lease: _Lease) -> None:
-        if monotonic() < lease.deadline or lease.lost:
+    def _arm(self, lease: _Lease) -> None:
+        # The event loop's clock is cached per iteration (and libuv's counts milliseconds), so a
+        # timer can fire a little before time.monotonic() reaches the deadline: aim a millisecond
+        # late and look again when it fires. A deadline that a renewal moved later is re-armed.
+        delay = max(lease.deadline - monotonic(), 0.0) + 0.001
+        lease.timer = asyncio.get_running_loop().call_later(delay, self._deadline_check, lease)
+
+    def _deadline_check(self, lease: _Lease) -> None:
+        lease.timer = None
+        if lease.lost:
+            return
+        if monotonic() < lease.deadline:
+            self._arm(lease)
             return
         self._lose(lease, "the lease could not be renewed before its local deadline")
 

@@ -404,3 +404,21 @@ async def test_only_the_real_child_callback_lets_its_worker_reopen_the_parent(st
     await answer(await decide(guard, "FETCH q", worker), reply_of(bulk_reply(real)))
     worker.status("b-parent")  # the parent has not fired
     assert isinstance(await decide(guard, "BATCH OPEN b-parent", worker), Forward)
+
+
+async def test_a_deadline_timer_that_fires_early_looks_again(store, monkeypatch):
+    """The event loop's clock is cached per iteration: its timer can fire before time.monotonic()
+    reaches the deadline. Then the fence must look again, not give up (a lost abort is a late join)."""
+    import time as real_time
+
+    monkeypatch.setattr(fence_module, "VALID_FOR", 0.05)
+    fence = Fence(store, Metrics())
+    await store.create("b-1")
+    _, ticket = await fence.admit("b-1")  # the timer is armed on one clock...
+    client = FakeClient()
+    ticket.written(client.abort)
+    monkeypatch.setattr(
+        fence_module, "monotonic", lambda: real_time.monotonic() - 0.02
+    )  # ...read on a later one
+    await asyncio.sleep(0.2)
+    assert client.aborted == 1
