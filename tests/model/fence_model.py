@@ -79,9 +79,9 @@ Bounds (``Config`` defaults; each test prints the number of states explored, pyt
 ---------------------------------------------------------------------------------------
 TTL 2, MARGIN 1, MAX_DELAY 3 (> TTL: a live gateway's link may stall longer than a lease), time
 0..4, 2 pushes, 1 commit attempt, at most 1 fault per run, seal notices off. The tests use 1 or 2
-gateways with these or smaller bounds so that the file runs in a few seconds; FENCE_MODEL_DEEP=1 adds
-larger ones. Python explores some 20,000 to 40,000 states a second here; two gateways multiply the
-state space, which is what keeps the CI bounds this small.
+gateways with these or smaller bounds so that the file runs in a few seconds; `python -m
+tests.model.test_fence_model` checks larger ones. Python explores some 20,000 to 40,000 states a
+second here; two gateways multiply the state space, which is what keeps the CI bounds this small.
 
 Seal notices multiply the state space, so they are off by default and checked in their own, smaller
 configuration (and in the deep run). Without them a gateway still learns of the commit from a
