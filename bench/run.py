@@ -53,7 +53,10 @@ TARGETS = {
     "lat_p50_over_haproxy_us": 15.0,  # gateway p50 <= HAProxy p50 + 15 µs (lat-push, lat-beat)
     "lat_p99_over_haproxy_us": 100.0,  # gateway p99 <= HAProxy p99 + 100 µs
     "idle_kib_per_conn": 8.0,
-    "batch_ratio": 0.7,
+    # Issue 9: batch PUSHes through the fence against the gateway's own plain PUSHes, same run.
+    "batch_vs_plain": 0.9,  # batch16 ops/s >= 0.9x push16-ledger's, both through the gateway
+    "batch_cpu_vs_plain": 1.3,  # gateway CPU per batch PUSH <= 1.3x per plain PUSH
+    "batch_redis_calls": 0.05,  # ledger Redis calls per batch PUSH, scripts' inner calls counted
 }
 
 
@@ -624,13 +627,20 @@ def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
     if "batch" in by:
         b = by["batch"]
         if b.get("skipped"):
-            out.append(("batch PUSH x16 throughput", ">= 0.70x direct", "skipped", None))
+            out.append(("batch PUSH x16 throughput", ">= 0.90x plain PUSH", "skipped", None))
         else:
-            ratio = b["batch"]["ratio"]
-            out.append(("batch PUSH x16 throughput", ">= 0.70x direct", f"{ratio:.2f}x",
-                        ratio >= TARGETS["batch_ratio"]))  # fmt: skip
-            plain = b["plain"]["gateway"].get("redis_calls_per_cmd")
-            out.append(("non-batch PUSH Redis calls", "0 per PUSH", f"{plain:.3f}", plain == 0))
+            batch, plain = b["batch"]["gateway"], b["plain"]["gateway"]
+            ratio = batch["ops_per_s"] / plain["ops_per_s"]
+            out.append(("batch PUSH x16 throughput", ">= 0.90x plain PUSH", f"{ratio:.2f}x",
+                        ratio >= TARGETS["batch_vs_plain"]))  # fmt: skip
+            cpu = batch["gateway_cpu_us_per_cmd"] / plain["gateway_cpu_us_per_cmd"]
+            out.append(("batch PUSH x16 CPU per command", "<= 1.30x plain PUSH", f"{cpu:.2f}x",
+                        cpu <= TARGETS["batch_cpu_vs_plain"]))  # fmt: skip
+            calls = batch.get("redis_calls_per_cmd")
+            out.append(("ledger Redis calls per batch PUSH", "<= 0.05", f"{calls:.3f}",
+                        calls <= TARGETS["batch_redis_calls"]))  # fmt: skip
+            plain_calls = plain.get("redis_calls_per_cmd")
+            out.append(("non-batch PUSH Redis calls", "0 per PUSH", f"{plain_calls:.3f}", plain_calls == 0))
     return out
 
 
