@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from .metrics import Metrics, counted
 from .policy import refusal_lease_lost
-from .store import COMMITTED, COMMITTING, FIRED, OPEN, BatchState, BatchStore, LeaseReply, StoreError
+from .store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, LeaseReply, StoreError
 
 log = logging.getLogger("gateway.fence")
 monotonic = time.monotonic
@@ -154,6 +154,7 @@ class TicketGroup:
 class CommitStart(enum.Enum):
     GO = "go"  # no admitted command is in flight anywhere: forward the commit
     REPEAT = "repeat"  # already committed or fired: forward it, the server answers
+    UNKNOWN = "unknown"  # no record, and not adopted: the guard asks the server first
     TIMED_OUT = "timed-out"  # commands were still in flight at the deadline: refuse, the client retries
 
 
@@ -341,28 +342,42 @@ class Fence:
     def new_attempt(self) -> str:
         return next(self._tokens)
 
-    async def begin_commit(self, bid: str, attempt: str, timeout: float) -> CommitStart:
-        """Seal bid and wait until nothing admitted into it is in flight at any gateway.
+    async def begin_commit(self, bid: str, attempt: str, timeout: float, adopt: bool = True) -> CommitStart:
+        """Seal bid and wait until nothing admitted into it is in flight at any gateway. Without
+        `adopt`, a batch the ledger has no record of is left alone (CommitStart.UNKNOWN).
 
         Raises StoreError when the store cannot be asked (the attempt then expires by itself)."""
         ttl = timeout + ATTEMPT_EXTRA
-        before = await counted(self.metrics, "begin_commit", self.store.begin_commit(bid, attempt, ttl))
-        if before in (COMMITTED, FIRED):
+        # This gateway stops admitting into bid now, and releases an idle lease of its own ahead
+        # of the seal (one connection keeps the order), so the first check can already go.
+        self._sealed(bid)
+        # The first check is sent right behind the seal, unawaited: one round trip, not two.
+        begun, go = await asyncio.gather(
+            counted(self.metrics, "begin_commit", self.store.begin_commit(bid, attempt, ttl, adopt)),
+            counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, ttl, adopt)),
+            return_exceptions=True,
+        )
+        for outcome in (begun, go):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if begun == UNKNOWN and not adopt:
+            return CommitStart.UNKNOWN
+        if begun in (COMMITTED, FIRED):
             return CommitStart.REPEAT
-        self._sealed(bid)  # this gateway's own admissions stop now, not when the notice comes back
         started = monotonic()
         deadline = started + timeout
         delay = 0.0005
         try:
-            while True:
-                if await counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, ttl)):
-                    return CommitStart.GO
+            while not go:
                 if monotonic() + delay > deadline:
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
+                go = await counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, ttl))
         finally:
             self.metrics.fence_wait.observe(monotonic() - started)
+        if go:
+            return CommitStart.GO
         await self.finish_commit(bid, attempt, committed=False)
         return CommitStart.TIMED_OUT
 

@@ -391,14 +391,13 @@ class BatchGuard:
         attempt = self.fence.new_attempt()
         timeout = self.config.commit_fence_timeout
         try:
-            if (
-                self.config.unknown_batch == "verify"
-                and await self._store("state", self.store.state(bid)) == UNKNOWN
-            ):
+            verify = self.config.unknown_batch == "verify"
+            start = await self.fence.begin_commit(bid, attempt, timeout, adopt=not verify)
+            if start == CommitStart.UNKNOWN:  # no record: does the server have it?
                 reply, _ = await ask_status(client, bid)
                 if absent(reply):
                     return Forward(command.raw)  # no such batch: the server's own error, no record
-            start = await self.fence.begin_commit(bid, attempt, timeout)
+                start = await self.fence.begin_commit(bid, attempt, timeout)
         except StoreError as exc:
             return self._store_down(bid, command, client, exc)
         if start == CommitStart.TIMED_OUT:

@@ -89,13 +89,13 @@ class BatchStore(Protocol):
     def release(self, bid: str, gateway: str) -> None:
         """Drop gateway's lease (nothing of it is in flight). Not awaited: a lost release expires."""
 
-    async def begin_commit(self, bid: str, attempt: str, ttl: float) -> BatchState:
-        """Move open (or unknown) to committing, or join a commit already under way; register the
-        attempt for `ttl`; tell every gateway. Returns the state before."""
+    async def begin_commit(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> BatchState:
+        """Move open (or, with `adopt`, unknown) to committing, or join a commit already under way;
+        register the attempt for `ttl`; tell every gateway. Returns the state before."""
 
-    async def commit_go(self, bid: str, attempt: str, ttl: float) -> bool:
+    async def commit_go(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> bool:
         """Atomically: if no gateway lease is live, mark the attempt sent and return True; else
-        extend the attempt and return False."""
+        extend the attempt and return False. Safe to send right behind begin_commit, unawaited."""
 
     async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
         """The server answered (committed: +OK), or the attempt gave up. Returns the new state."""

@@ -202,8 +202,10 @@ class MemoryStore:
             if not leases:
                 del self._leases[bid]
 
-    async def begin_commit(self, bid: str, attempt: str, ttl: float) -> BatchState:
+    async def begin_commit(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> BatchState:
         before = self._get(bid)
+        if before == UNKNOWN and not adopt:
+            return before
         if before in (OPEN, UNKNOWN, COMMITTING):
             if before != COMMITTING:
                 self._set(bid, COMMITTING)
@@ -212,10 +214,12 @@ class MemoryStore:
                 listener(bid)
         return before
 
-    async def commit_go(self, bid: str, attempt: str, ttl: float) -> bool:
+    async def commit_go(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> bool:
         state = self._get(bid)
         if state in (COMMITTED, FIRED):
             return True  # another attempt finished: this one is a repeated commit, the server answers
+        if state == UNKNOWN and not adopt:
+            return False
         now = self._now()
         if state != COMMITTING:  # this attempt lapsed and the batch reopened: seal it again, wait again
             await self.begin_commit(bid, attempt, ttl)

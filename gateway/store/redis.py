@@ -119,11 +119,13 @@ class RedisStore:
     def release(self, bid: str, gateway: str) -> None:
         self.conn.send_only("ZREM", self._keys(bid)[1], gateway)
 
-    async def begin_commit(self, bid: str, attempt: str, ttl: float) -> BatchState:
-        return BatchState(await self._eval(BEGIN_COMMIT, bid, attempt, int(ttl * 1000), self.channel, bid))
+    async def begin_commit(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> BatchState:
+        args = (attempt, int(ttl * 1000), self.channel, bid, "1" if adopt else "0")
+        return BatchState(await self._eval(BEGIN_COMMIT, bid, *args))
 
-    async def commit_go(self, bid: str, attempt: str, ttl: float) -> bool:
-        return bool(await self._eval(COMMIT_GO, bid, attempt, int(ttl * 1000), self.channel, bid))
+    async def commit_go(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> bool:
+        args = (attempt, int(ttl * 1000), self.channel, bid, "1" if adopt else "0")
+        return bool(await self._eval(COMMIT_GO, bid, *args))
 
     async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
         return BatchState(await self._eval(FINISH_COMMIT, bid, attempt, "1" if committed else "0"))

@@ -348,3 +348,14 @@ async def test_callback_jids_are_remembered_with_their_batch(ledger):
     assert await store.is_callback(bid, "cb-1") and await store.is_callback(bid, "cb-2")
     assert not await store.is_callback(bid, "copy")
     assert not await store.is_callback(new_bid(), "cb-1")
+
+
+async def test_a_commit_that_does_not_adopt_leaves_an_unknown_batch_alone(ledger):
+    """Under unknown_batch: verify the gateway asks the server before it records anything."""
+    store, bid = ledger.store, new_bid()
+    assert await store.begin_commit(bid, "c", LEASE, adopt=False) == UNKNOWN
+    assert not await store.commit_go(bid, "c", LEASE, adopt=False)
+    assert await store.state(bid) == UNKNOWN
+    await store.create(bid)
+    assert await store.begin_commit(bid, "c", LEASE, adopt=False) == OPEN  # a known batch: as always
+    assert await store.commit_go(bid, "c", LEASE, adopt=False)
