@@ -403,16 +403,22 @@ class BatchGuard:
         if start == CommitStart.TIMED_OUT:
             return self._refuse(policy.refusal_fence_timeout(bid, timeout), command, client, bid)
 
-        async def committed(reply: Reply) -> bytes:
+        async def finish(ok: bool) -> None:
+            try:
+                await self.fence.finish_commit(bid, attempt, committed=ok)
+            except StoreError as exc:  # the attempt expires; sent, it then reads as committed
+                log.warning("store update failed", extra={"operation": "finish_commit", "error": str(exc)})
+
+        def committed(reply: Reply) -> bytes | Awaitable[bytes]:
             # The ledger follows the server: +OK is committed, whatever else happened meanwhile.
-            if not reply.is_error or start == CommitStart.GO:
-                try:
-                    await self.fence.finish_commit(bid, attempt, committed=not reply.is_error)
-                except StoreError as exc:  # the attempt expires; sent, it then reads as committed
-                    log.warning(
-                        "store update failed", extra={"operation": "finish_commit", "error": str(exc)}
-                    )
-            return reply.raw
+            # The client need not wait for that record: until it is written the batch is
+            # committing, which refuses the same commands (and a lost write reads as committed).
+            if not reply.is_error:
+                self._detach(finish(True))
+                return reply.raw
+            if start != CommitStart.GO:
+                return reply.raw
+            return self._after(finish(False), reply)  # reopened before the client may retry
 
         return Forward(command.raw, committed, linger=True)
 
@@ -513,6 +519,11 @@ class BatchGuard:
         holder = self._holder(client)
         if isinstance(jid, str) and holder and self.holdings.finished(holder, jid):
             self._detach(self._quietly("unhold", self.store.unhold(holder, jid)))
+
+    @staticmethod
+    async def _after(coroutine, reply: Reply) -> bytes:
+        await coroutine
+        return reply.raw
 
     def _detach(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)

@@ -115,7 +115,10 @@ async def answer(decision: Forward, reply=OK) -> bytes:
     if decision.on_reply is None:
         return reply.raw
     outcome = decision.on_reply(reply)
-    return await outcome if inspect.isawaitable(outcome) else outcome
+    raw = await outcome if inspect.isawaitable(outcome) else outcome
+    for _ in range(3):  # store updates the handler left running (a commit's record) get their turn
+        await asyncio.sleep(0)
+    return raw
 
 
 async def committed(guard: BatchGuard, store, bid: str, client: FakeClient) -> None:
