@@ -50,6 +50,15 @@ perf_counter = time.perf_counter
 LINE = re.compile(rb"([^ \n]*?)(?:\r?\n| [^\n]*\n)")
 
 
+def take(out: list[bytes]) -> bytes:
+    """Everything queued in `out`, as one bytes object (no copy for one chunk), emptying it."""
+    if not out:
+        return b""
+    data = out[0] if len(out) == 1 else b"".join(out)
+    out.clear()
+    return data
+
+
 class Phase(enum.Enum):
     HANDSHAKE = "handshake"  # the first line (HELLO) not seen yet
     READY = "ready"  # decisions are synchronous: the fast lane is open
@@ -194,20 +203,10 @@ class Pipeline:
     # Output
 
     def to_server(self) -> bytes:
-        out = self.server_out
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        return data
+        return take(self.server_out)
 
     def to_client(self) -> bytes:
-        out = self.client_out
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        return data
+        return take(self.client_out)
 
     # ------------------------------------------------------------------------------------------
     # Client commands

@@ -27,7 +27,7 @@ from typing import Any
 
 from .config import Limits
 from .metrics import Metrics
-from .pipeline import DECIDING, HANDSHAKE, Pipeline, Rules
+from .pipeline import DECIDING, HANDSHAKE, Pipeline, Rules, take
 from .protocol import FrameTooLarge, ProtocolError, Reply, error_reply
 
 log = logging.getLogger("gateway.session")
@@ -207,14 +207,12 @@ class Session(asyncio.Protocol):
         if out:
             if pipeline.reset_on_close and not self._resets_on_close:
                 self._reset_on_close()  # before the first ticketed command is written
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
+            data = take(out)
             if self.upstream is not None and pipeline.upstream_open:
                 self.upstream.write(data)
         out = pipeline.client_out
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
+            data = take(out)
             if not self.closed:
                 self.client.write(data)
                 self.hot.bytes_sent += len(data)
