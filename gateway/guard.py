@@ -103,6 +103,22 @@ class BatchGuard:
             return False
         return FINISHING.isdisjoint(verbs) or not self.holdings.holds_any(self._holder(client))
 
+    def admitted_push(self, verbs: list[bytes], chunk: bytes, client: Client) -> Ticket | None:
+        """The fast lane for a batch PUSH: the admission ticket when `chunk` is one PUSH line that
+        decide() would forward unchanged under a lease this gateway holds (the same reading, the
+        same local admission, nothing held by the server ahead of it); else None, and decide()
+        takes the command as usual."""
+        if len(verbs) != 1 or verbs[0] != b"PUSH" or client.waits_on_server():
+            return None
+        line = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1]  # as Command.parse splits it
+        try:
+            bid, reserved = policy.read_push(line.partition(b" ")[2])
+        except Malformed:
+            return None
+        if reserved or bid is None:
+            return None
+        return self.fence.admit_locally(bid)
+
     def fetch_reply_handler(self, client: Client):
         """The reply handler of a FETCH (the one decide() gives it)."""
         return lambda reply: self._fetched(reply, client)

@@ -75,6 +75,7 @@ class Rules(Protocol):
 
     def decide(self, command: Command, client: Client) -> Decision | Awaitable[Decision]: ...
     def unchecked(self, verbs: list[bytes], chunk: bytes, client: Client) -> bool: ...
+    def admitted_push(self, verbs: list[bytes], chunk: bytes, client: Client) -> Ticket | None: ...
     def fetch_reply_handler(self, client: Client) -> ReplyHandler: ...
     def fetch_reply_needs_rules(self, data: bytes) -> bool: ...
 
@@ -97,14 +98,17 @@ class Slot:
 
 class Run:
     """A chunk of `owed` commands forwarded unread (the fast lane); `answered` replies came, and
-    `data` holds those not written to the client yet. Both a slot and an owed entry."""
+    `data` holds those not written to the client yet. Both a slot and an owed entry. `tickets`:
+    one per command, for a batch PUSH admitted in the fast lane (the reply ends its admission)."""
 
     __slots__ = (
-        "answered", "data", "errors", "fetches", "owed", "received", "upstream_time", "verbs", "written"
+        "answered", "data", "errors", "fetches", "owed", "received", "tickets", "upstream_time", "verbs",
+        "written",
     )  # fmt: skip
 
-    def __init__(self, verbs: list[bytes], received: float):
+    def __init__(self, verbs: list[bytes], received: float, tickets: list[Ticket] | None = None):
         self.verbs = verbs
+        self.tickets = tickets
         self.owed = len(verbs)
         self.fetches = b"FETCH" in verbs
         self.answered = 0
@@ -237,6 +241,23 @@ class Pipeline:
                     self.in_flight += run.owed
                     self.server_out.append(chunk)
                     return
+                # A batch PUSH that this gateway's lease admits without asking anyone: the fast
+                # lane too, its ticket ended by the reply (decide() would forward it unchanged).
+                ticket = self.guard.admitted_push(verbs, chunk, self.client)
+                if ticket is not None:
+                    if not ticket.writable():  # checked right before the write, as on the full path
+                        ticket.answered()  # not sent: decide() takes it from here
+                    else:
+                        if end < len(data):
+                            self.commands.feed(data[end:])
+                        run = Run(verbs, now, [ticket])
+                        self.slots.append(run)
+                        self.waiting.append(run)
+                        self.in_flight += 1
+                        self.reset_on_close = True
+                        self.server_out.append(chunk)
+                        ticket.written(self.abort)
+                        return
         commands = self.commands.feed(data)
         for command in commands:
             self._on_command(command, now)
@@ -392,6 +413,8 @@ class Pipeline:
                             if head.errors is None:
                                 head.errors = []
                             head.errors.append(head.answered)
+                    if head.tickets is not None:
+                        head.tickets[head.answered].answered()
                     head.answered += 1
                     left -= 1
                     pos = end
@@ -472,11 +495,12 @@ class Pipeline:
         index = self.slots.index(run)
         on_fetched = self.guard.fetch_reply_handler(self.client)
         owed = []
-        for offset, verb in enumerate(rest):
+        tickets = run.tickets[run.answered :] if run.tickets is not None else [None] * len(rest)
+        for offset, (verb, ticket) in enumerate(zip(rest, tickets, strict=True)):
             slot = Slot(verb_label(verb), run.received)
             self.slots.insert(index + 1 + offset, slot)
             fetch = verb == b"FETCH"
-            owed.append(Owed(slot, on_fetched if fetch else None, fetch=fetch))
+            owed.append(Owed(slot, on_fetched if fetch else None, ticket, ticket is not None, fetch=fetch))
             if fetch:
                 self._fetches_owed += 1
         self.waiting.extendleft(reversed(owed))
@@ -491,6 +515,9 @@ class Pipeline:
                 owed.lost()
             elif type(owed) is Owed and owed.ticket is not None:
                 owed.ticket.lost()
+            elif type(owed) is Run and owed.tickets is not None:
+                for ticket in owed.tickets[owed.answered : owed.owed]:
+                    ticket.lost()
         callbacks, self._when_answered = self._when_answered, []
         for _, lost in callbacks:
             lost()
@@ -575,7 +602,10 @@ class Pipeline:
 
     def owes_linger(self) -> bool:
         """A reply that must be handled (a lease release, a handler) is owed by the server."""
-        return any(type(owed) is Owed and owed.linger for owed in self.waiting)
+        return any(
+            (type(owed) is Owed and owed.linger) or (type(owed) is Run and owed.tickets is not None)
+            for owed in self.waiting
+        )
 
     @property
     def handler_pending(self) -> bool:

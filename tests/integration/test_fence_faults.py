@@ -325,6 +325,35 @@ def test_a_gateway_cut_from_redis_resets_its_stalled_push_before_the_lease_expir
     assert metric(gateway_a, "faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
 
 
+def test_a_push_admitted_in_the_fast_lane_is_reset_too_when_redis_is_cut(world):
+    """The steady state: A already holds a lease on the batch (an earlier PUSH), so the next PUSH
+    is admitted locally and rides the fast lane, its ticket ended by its reply. Stalled upstream
+    with Redis cut from A, it is reset before the lease expires like any other admission."""
+    upstream = world.proxy()
+    ledger = world.proxy(world.redis.port)
+    gateway_a = world.gateway(upstream.url, redis_url=f"redis://127.0.0.1:{ledger.port}/0")
+    gateway_b = world.gateway()
+    a, committer = world.client(gateway_a), world.client(gateway_b)
+    bid = new_batch(committer)
+    assert call(a, push(bid)) == OK  # takes A's lease on bid
+    held = hold_push(upstream, a, bid)  # admitted under it, without asking Redis
+    waiter = Waiter(a)
+    waiter.start()
+    ledger.refuse()
+    ledger.cut_all()
+    committed, refusals = commit_until_ok(committer, bid, LEASE_TTL + 10)
+    closed, reply = waiter.result(10)
+    upstream.resume()
+    time.sleep(0.5)
+    record = world.report(bid)
+    assert record["joined_while_committed"] == 0 and record["total"] == 1, (record, logs(gateway_a))
+    assert reply is None, f"A's client got {reply!r}, not a closed connection\n" + logs(gateway_a)
+    assert closed < committed and refusals, (closed, committed, refusals)
+    assert [chunk for chunk in upstream.dropped if held.encode() in chunk], upstream.dropped
+    assert metric(gateway_a, "faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
+    assert metric(gateway_a, 'faktory_gateway_store_calls_total{operation="acquire"}') == 1
+
+
 def test_a_gateway_stopped_for_longer_than_a_lease_resets_its_push_when_it_wakes(world):
     """Gateway A is SIGSTOPped with an admitted PUSH held upstream, for longer than a lease. A
     commit via B (retried every second) succeeds once A's lease lapsed in Redis. On SIGCONT, A

@@ -36,6 +36,7 @@ class ScriptedRules:
 
     def __init__(self, decisions=None):
         self.decisions = decisions or {}
+        self.fast_tickets: list = []  # admitted_push hands these out (a lease admitting locally)
         self.decided: list[bytes] = []
         self.fetched: list[bytes] = []
 
@@ -46,6 +47,9 @@ class ScriptedRules:
 
     def unchecked(self, verbs, chunk, client) -> bool:
         return not any(verb in self.decisions for verb in verbs)
+
+    def admitted_push(self, verbs, chunk, client):
+        return self.fast_tickets.pop(0) if self.fast_tickets and verbs == [b"PUSH"] else None
 
     def fetch_reply_handler(self, client):
         def handler(reply):
@@ -260,6 +264,28 @@ def test_the_ticket_contract():
     harness.from_server(b"+OK\r\n")
     assert first.calls[-1] == "answered"
     assert harness.client == b"+OK\r\n-ERR STATE_UNAVAILABLE lease lost\r\n"
+    harness.pipeline.upstream_lost()
+    assert third.calls == ["writable", "written", "lost"]
+
+
+def test_a_batch_push_admitted_in_the_fast_lane_keeps_the_ticket_contract():
+    """A one-line PUSH that the guard admits under a local lease rides the fast lane: written
+    unchanged, SO_LINGER first, its ticket ended by its own reply, lost with the connection."""
+    rules = ScriptedRules({b"PUSH": lambda command: None})
+    first, lapsed, third = FakeTicket(), FakeTicket(writable=False), FakeTicket()
+    rules.fast_tickets = [first, lapsed, third]
+    harness = greeted(rules)
+    harness.from_client(b"PUSH 1\r\n")
+    assert harness.server == b"PUSH 1\r\n" and b"PUSH 1\r\n" not in rules.decided  # the fast lane
+    assert harness.pipeline.reset_on_close and first.calls == ["writable", "written"]
+    assert harness.pipeline.owes_linger()
+    first.abort()
+    assert harness.aborted == 1
+    harness.from_server(b"+OK\r\n")
+    assert first.calls[-1] == "answered" and harness.client == b"+OK\r\n"
+    harness.from_client(b"PUSH 2\r\n")  # its lease lapsed: not written in the fast lane...
+    assert lapsed.calls == ["writable", "answered"] and rules.decided[-1] == b"PUSH 2\r\n"  # ...decided
+    harness.from_client(b"PUSH 3\r\n")
     harness.pipeline.upstream_lost()
     assert third.calls == ["writable", "written", "lost"]
 
