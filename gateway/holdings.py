@@ -10,6 +10,7 @@ leaves nothing behind here.
 from __future__ import annotations
 
 import time
+from itertools import islice
 
 from .store import BatchStore
 
@@ -49,10 +50,12 @@ class Holdings:
         return await self.store.holds(wid, bid)
 
     def _prune(self) -> None:
+        """Look at the PRUNE_EVERY workers seen longest ago; the live ones go to the back, so the
+        next pruning looks at others (no walk over every worker)."""
         now = self.clock()
-        for wid in list(self._here)[:PRUNE_EVERY]:
-            jobs = self._here[wid]
+        for wid in list(islice(self._here, PRUNE_EVERY)):
+            jobs = self._here.pop(wid)
             for jid in [jid for jid, expires in jobs.items() if expires <= now]:
                 del jobs[jid]
-            if not jobs:
-                del self._here[wid]
+            if jobs:
+                self._here[wid] = jobs
