@@ -1,24 +1,27 @@
-"""The commit fence: no command admitted into a batch reaches the server after the batch's commit.
+"""The commit fence: no command admitted into a batch is handled by the server after the batch's commit.
 
-One lease per batch and per gateway, held in the ledger on the store's clock (store/__init__.py):
+docs/fence.md has the protocol, the argument and its assumptions (A1-A5); in short:
 
-- **Admission** is local while this gateway's lease on the batch is valid and the batch is not
-  sealed: no store call per command. Otherwise one `acquire`, which only an open batch grants.
-- **Renewal.** Every `RENEW_EVERY` the gateway renews the leases it is using: those with admitted
-  commands unanswered, or used in the last `IDLE` seconds; the others are released. A live lease
-  is renewed in any state, so a commit waits for every command admitted under it, however long
-  the server takes to answer it (a stalled link, a client's own pipeline ahead of it).
-- **The local deadline.** A lease is valid here until `start + LEASE_TTL * (1 - DRIFT) - MARGIN`,
-  where `start` is read *before* the request that took or renewed it: always earlier than the
-  store's own expiry. If it has not been renewed by then (the store is unreachable, the reply was
-  late), the gateway resets (RST) every upstream connection that carries a command admitted under
-  it, and a command not yet written is refused instead (`Ticket.writable`, checked right before
-  the write). So when the store lets the lease lapse and a commit goes through, nothing admitted
-  under it can still be on its way, within the assumptions in docs/fence.md.
-- **Commit.** `begin_commit` seals the batch (no new leases; every gateway is notified and stops
-  admitting locally at once), then `commit_go` is polled until no lease is live, which marks the
-  attempt sent atomically with that check. After `commit_fence_timeout` the attempt is withdrawn
-  (`COMMIT_FENCE_TIMEOUT`); the batch reopens unless another attempt is live.
+- **Admission** happens only when nothing is unanswered on the client's upstream connection (the
+  guard's barrier), so an admitted command is at the head of the server's queue when written. It
+  is local while this gateway's lease on the batch is valid and the batch is not sealed: no store
+  call per command. Otherwise one `acquire`, which only an open batch grants, under a new token.
+- **Renewal.** Every `renew_every` the gateway beats the leases it is using (commands admitted
+  and unanswered, or used in the last `idle` seconds); the others are released. A lease is beaten
+  in any state, so a commit waits for every command admitted under it, however long the server
+  takes to answer it.
+- **The local deadline.** A lease is valid here until `start + valid_for`, `start` read *before*
+  the request that took or renewed it. If it was not renewed by then, the gateway resets (RST)
+  every upstream connection that carries a command admitted under it; a command not yet written
+  is refused instead (`Ticket.writable`, checked right before the write).
+- **A connection that dies with an admitted command unanswered** (or that the gateway resets)
+  keeps that command counted for `margin + server_bound` more: bytes that reached the server's
+  host before the reset are still handled by Faktory.
+- **Commit.** `begin_commit` seals the batch (no new leases; every gateway is told and stops
+  admitting locally), then `commit_go` is polled until no lease is left in the ledger. A lease
+  whose holder died is ended by the committer itself, once it has seen its beat unchanged for
+  `lease_life` on its *own* monotonic clock (`LapseWatch`): the ledger's clock plays no part.
+  After `commit_fence_timeout` the attempt is withdrawn (`COMMIT_FENCE_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -30,29 +33,100 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .metrics import Metrics, counted
 from .policy import refusal_lease_lost
 from .store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, LeaseReply, StoreError
 
 log = logging.getLogger("gateway.fence")
-monotonic = time.monotonic
 
-LEASE_TTL = 10.0  # a lease's life in the ledger, on the store's clock
-MARGIN = 2.0  # the local deadline comes this much before the ledger's expiry (docs/fence.md: A2, A3)
-DRIFT = 0.01  # clock-rate difference tolerated between this host and the store (A1)
-RENEW_EVERY = 2.0  # three chances to renew before the local deadline
-IDLE = 2.0  # a lease with nothing in flight and no admission for this long is released
-ATTEMPT_EXTRA = 30.0  # a commit attempt lives the fence timeout plus this: its gateway may be slow, not dead
-VALID_FOR = LEASE_TTL * (1 - DRIFT) - MARGIN
+
+@dataclass(frozen=True)
+class Timing:
+    """The fence's times, in seconds (docs/fence.md has the argument that ties them together).
+
+    Fixed for every gateway: a committer judges other gateways' leases with its own `lease_life`,
+    so they must all agree. Tests build smaller ones; nothing else may."""
+
+    margin: float = 2.0  # A2: bytes written reach the server's host within this, or, once reset, never
+    # A3: Faktory finishes a command at the head of its connection within this: its per-command
+    # context is 5 s (server/server.go processLines); a 16 MiB PUSHB is parsed in ~0.4 s (measured).
+    server_bound: float = 10.0
+    lease_life: float = 20.0  # a committer ends another gateway's lease after seeing it unchanged this long
+    drift: float = 0.01  # A1: every gateway's monotonic clock runs within 1 % of real time
+    renew_every: float = 2.0  # at least three chances to renew before the local deadline
+    idle: float = 2.0  # a lease with nothing in flight and no admission for this long is released
+    attempt_life: float = (
+        30.0  # a commit attempt seen unchanged this long was abandoned (a live one beats every 20 ms)
+    )
+
+    @property
+    def valid_for(self) -> float:
+        """How long a lease is valid here after the request that took or renewed it was sent: the
+        committer's lease life, less what its clock may gain on ours, less what may still happen
+        after our deadline (delivery, then the server's handling)."""
+        return self.lease_life * (1 - 2 * self.drift) - self.margin - self.server_bound
+
+    @property
+    def after_reset(self) -> float:
+        """How long a command whose connection died still counts: bytes already at the server's
+        host are handled even after a reset (A2, A3)."""
+        return self.margin + self.server_bound
+
+
+TIMING = Timing()
+ADMIT_MAX_BYTES = 16 * 2**20  # larger batch commands are refused: SERVER_BOUND is measured up to this
+WATCH_LIMIT = 10_000  # batches a LapseWatch remembers before it forgets the stalest
+# The production figures, under the names the docs use.
+MARGIN, SERVER_BOUND, LEASE_LIFE = TIMING.margin, TIMING.server_bound, TIMING.lease_life
+VALID_FOR, ATTEMPT_LIFE, RENEW_EVERY = TIMING.valid_for, TIMING.attempt_life, TIMING.renew_every
+
+
+class LapseWatch:
+    """What this gateway saw of entries it does not own (other gateways' leases, commit
+    attempts): each entry's beat, and when, on this gateway's monotonic clock, the reply that
+    first showed that beat arrived. An entry seen at the same beat for `life` has lapsed: whoever
+    owned it has not beaten it since before that reply, at least `life` ago (docs/fence.md).
+
+    Beats only grow while an entry exists, and a deleted entry is never created again (a lease
+    token is used for one acquisition only), so an unchanged beat means no renewal in between."""
+
+    def __init__(self, life: float, clock: Callable[[], float]):
+        self.life = life
+        self.clock = clock
+        self._seen: dict[str, dict[str, tuple[int, float]]] = {}  # bid -> {entry: (beat, since)}
+
+    def saw(self, bid: str, beats: dict[str, int]) -> dict[str, int]:
+        """Record the entries a reply that just arrived showed; return those that have lapsed."""
+        now = self.clock()
+        before = self._seen.pop(bid, {})
+        seen = {}
+        for entry, beat in beats.items():
+            old = before.get(entry)
+            seen[entry] = old if old is not None and old[0] == beat else (beat, now)
+        if seen:
+            if len(self._seen) >= WATCH_LIMIT:
+                del self._seen[next(iter(self._seen))]  # the one seen longest ago (dicts keep order)
+            self._seen[bid] = seen
+        return {entry: beat for entry, (beat, since) in seen.items() if now - since >= self.life}
+
+    def lapsed(self, bid: str) -> dict[str, int]:
+        """The entries of bid seen unchanged for `life` so far (without a new reply)."""
+        now = self.clock()
+        return {e: beat for e, (beat, since) in self._seen.get(bid, {}).items() if now - since >= self.life}
+
+    def forget(self, bid: str) -> None:
+        self._seen.pop(bid, None)
 
 
 class _Lease:
-    """This gateway's lease on one batch. Its `token` names it in the ledger: a lease dropped
-    here and one taken again a moment later are different entries, so the release of the first
-    can never remove the second (which a concurrent commit must still wait for)."""
+    """This gateway's lease on one batch, under one `token`: a token names one acquisition, so
+    the release of an old lease can never remove a newer one, and an entry a committer ended is
+    never beaten back to life."""
 
-    __slots__ = ("bid", "deadline", "inflight", "lost", "sealed", "timer", "token", "used", "written")
+    __slots__ = ("acquiring", "bid", "deadline", "inflight", "lost", "outcome", "sealed", "timer", "token",
+                 "used", "written")  # fmt: skip
 
     def __init__(self, bid: str, token: str):
         self.bid = bid
@@ -61,9 +135,11 @@ class _Lease:
         self.inflight = 0  # admitted and not yet answered (nor refused, nor given up)
         self.written: set[Ticket] = set()  # written upstream and unanswered: the ones to abort
         self.sealed = False  # a commit began: admit nothing more locally
-        self.lost = False  # past its deadline without renewal: dead for good
+        self.lost = False  # dropped, or past its deadline without renewal: dead for good
         self.used = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.acquiring: asyncio.Event | None = None  # set when its acquire has an answer
+        self.outcome: BatchState | StoreError | None = None  # what that answer was
 
     def admits(self, now: float) -> bool:
         return not self.sealed and not self.lost and now < self.deadline
@@ -82,7 +158,7 @@ class Ticket:
 
     def writable(self) -> bool:
         lease = self.lease
-        return not lease.lost and monotonic() < lease.deadline
+        return not lease.lost and self.fence.clock() < lease.deadline
 
     def unwritable_reply(self) -> bytes:
         self._finish()
@@ -101,10 +177,12 @@ class Ticket:
         self._finish()
 
     def lost(self) -> None:
-        """The connection died before the reply: the command may still be in the network for a
-        moment (A2), so the lease keeps counting it for MARGIN."""
+        """The connection died (or was reset) before the reply. The command may still reach the
+        server's host, and bytes there are still handled (A2, A3): the lease keeps counting it,
+        and stays renewed, for `Timing.after_reset`."""
         if not self.done:
-            asyncio.get_running_loop().call_later(MARGIN, self._finish)
+            self.lease.written.discard(self)
+            asyncio.get_running_loop().call_later(self.fence.timing.after_reset, self._finish)
 
     def _finish(self) -> None:
         if self.done:
@@ -159,12 +237,24 @@ class CommitStart(enum.Enum):
 
 
 class Fence:
-    def __init__(self, store: BatchStore, metrics: Metrics, gateway_id: str | None = None):
+    def __init__(
+        self,
+        store: BatchStore,
+        metrics: Metrics,
+        gateway_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timing: Timing = TIMING,
+    ):
         self.store = store
         self.metrics = metrics
+        self.clock = clock
+        self.timing = timing
         self.gateway_id = gateway_id or os.urandom(6).hex()
-        self._leases: dict[str, _Lease] = {}
+        self._leases: dict[str, _Lease] = {}  # the lease each batch is admitted under here
+        self._live: set[_Lease] = set()  # every lease of ours the ledger may hold and we may renew
         self._tokens = map(f"{self.gateway_id}-{{}}".format, itertools.count())
+        self._lease_watch = LapseWatch(timing.lease_life, clock)
+        self._attempt_watch = LapseWatch(timing.attempt_life, clock)
         self._renewer: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -175,7 +265,7 @@ class Fence:
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
-        for lease in list(self._leases.values()):
+        for lease in list(self._live):
             if not lease.inflight:
                 self._drop(lease, release=True)
 
@@ -187,7 +277,7 @@ class Fence:
         lease = self._leases.get(bid)
         if lease is None:
             return None
-        now = monotonic()
+        now = self.clock()
         if not lease.admits(now):
             return None
         lease.inflight += 1
@@ -198,34 +288,78 @@ class Fence:
         """Admit one command into bid: (OPEN, ticket), or (the state that refuses it, None).
 
         Raises StoreError when the store cannot be asked."""
-        ticket = self.admit_locally(bid)
-        if ticket is not None:
-            return OPEN, ticket
-        lease = self._leases.get(bid)
-        if lease is None or lease.lost:
-            # Registered before asking, with no deadline yet: a seal heard meanwhile finds it.
-            lease = self._leases[bid] = _Lease(bid, next(self._tokens))
-        started = monotonic()
+        while True:
+            ticket = self.admit_locally(bid)
+            if ticket is not None:
+                return OPEN, ticket
+            lease = self._leases.get(bid)
+            if lease is None or lease.acquiring is None or lease.acquiring.is_set():
+                break
+            await lease.acquiring.wait()  # one acquire per lease: share its answer
+            if isinstance(lease.outcome, StoreError):
+                raise StoreError(str(lease.outcome))
+            if lease.outcome != OPEN:
+                return await self._refused(bid, lease.outcome)
+        # A new lease, under a token of its own. Registered before asking, with no deadline yet:
+        # a seal heard meanwhile finds it. The lease it replaces (sealed, or past its deadline)
+        # stays live, and renewed, until what was admitted under it is answered.
+        lease = self._leases[bid] = _Lease(bid, next(self._tokens))
+        self._live.add(lease)
+        lease.acquiring = asyncio.Event()
+        started = self.clock()
         lease.inflight += 1  # counted while asking, so that a seal heard meanwhile does not drop it
         try:
-            reply = await counted(self.metrics, "acquire", self.store.acquire(bid, lease.token, LEASE_TTL))
-        except BaseException:
+            reply = await counted(self.metrics, "acquire", self.store.acquire(bid, lease.token))
+        except StoreError as exc:
+            lease.outcome = exc
             self._finished(lease)
             raise
+        except BaseException:
+            lease.outcome = StoreError("admission cancelled")
+            self._finished(lease)
+            raise
+        finally:
+            lease.acquiring.set()
         if reply.state != OPEN or lease.lost:
             # Refused; or granted, but this lease was given up meanwhile (its release may already
             # have removed the grant): only a seal does that, so the batch is committing now.
+            lease.outcome = reply.state if reply.state != OPEN else COMMITTING
             lease.sealed = True
             self._finished(lease)
-            return (reply.state if reply.state != OPEN else COMMITTING), None
+            return await self._refused(bid, lease.outcome)
         # Granted before any seal (the ledger orders them): a commit waits for this lease, so
         # the command may go even if a seal was heard while asking.
+        lease.outcome = OPEN
         self._extend(lease, started)
-        lease.used = monotonic()
+        lease.used = self.clock()
         return OPEN, Ticket(self, lease)
 
+    async def _refused(self, bid: str, state: BatchState) -> tuple[BatchState, Ticket | None]:
+        """An admission refused because bid is committing: unless its commit was abandoned."""
+        if state == COMMITTING and await self.settle(bid) == OPEN:
+            return await self.admit(bid)
+        return state, None
+
+    async def state(self, bid: str) -> BatchState:
+        """The batch's state in the ledger, with an abandoned commit resolved (see `settle`)."""
+        state = await counted(self.metrics, "state", self.store.state(bid))
+        return await self.settle(bid) if state == COMMITTING else state
+
+    async def settle(self, bid: str) -> BatchState:
+        """A committing batch: if every commit attempt on it has been seen unchanged for
+        `attempt_life` here, its committers are gone, and `abandon` resolves it (never sent: open
+        again; maybe sent: committed). Otherwise it is still committing."""
+        attempts = await counted(self.metrics, "attempts", self.store.attempts(bid))
+        if self._attempt_watch.saw(bid, attempts) != attempts:
+            return COMMITTING
+        self._attempt_watch.forget(bid)
+        state = await counted(self.metrics, "abandon", self.store.abandon(bid, attempts))
+        if state != COMMITTING:
+            log.warning("abandoned commit resolved", extra={"bid": bid, "state": str(state)})
+        return state
+
     def _extend(self, lease: _Lease, started: float) -> None:
-        deadline = started + VALID_FOR
+        deadline = started + self.timing.valid_for
         if deadline > lease.deadline:
             lease.deadline = deadline
             if lease.timer is None:
@@ -233,16 +367,16 @@ class Fence:
 
     def _arm(self, lease: _Lease) -> None:
         # The event loop's clock is cached per iteration (and libuv's counts milliseconds), so a
-        # timer can fire a little before time.monotonic() reaches the deadline: aim a millisecond
-        # late and look again when it fires. A deadline that a renewal moved later is re-armed.
-        delay = max(lease.deadline - monotonic(), 0.0) + 0.001
+        # timer can fire a little before the clock reaches the deadline: aim a millisecond late
+        # and look again when it fires. A deadline that a renewal moved later is re-armed.
+        delay = max(lease.deadline - self.clock(), 0.0) + 0.001
         lease.timer = asyncio.get_running_loop().call_later(delay, self._deadline_check, lease)
 
     def _deadline_check(self, lease: _Lease) -> None:
         lease.timer = None
         if lease.lost:
             return
-        if monotonic() < lease.deadline:
+        if self.clock() < lease.deadline:
             self._arm(lease)
             return
         self._lose(lease, "the lease could not be renewed before its local deadline")
@@ -250,12 +384,12 @@ class Fence:
     def _lose(self, lease: _Lease, why: str) -> None:
         """Nothing admitted under this lease may reach the server any more: reset its connections.
 
-        The lease is never released after this: bytes just reset may still be on the wire for
-        MARGIN (A2), and a release would let a commit go before they are gone (the model in
-        tests/model finds that trace). It lapses in the ledger by itself."""
+        The lease is never released after this: a committer ends it once it has seen it unchanged
+        for a lease life, by which time what was written before the deadline has been handled."""
         lease.lost = True
         if self._leases.get(lease.bid) is lease:
             del self._leases[lease.bid]
+        self._live.discard(lease)
         if lease.timer is not None:
             lease.timer.cancel()
         if lease.written:
@@ -269,14 +403,17 @@ class Fence:
 
     def _finished(self, lease: _Lease) -> None:
         lease.inflight -= 1
-        if lease.inflight == 0 and lease.sealed and not lease.lost:
+        if lease.inflight or lease.lost:
+            return
+        if lease.sealed or lease.deadline == 0.0:
+            # Sealed: the commit waits for it. Never granted: an acquire that timed out may still
+            # have been executed, and its entry would hold commits for a lease life.
             self._drop(lease, release=True)
-        elif lease.inflight == 0 and lease.deadline == 0.0 and not lease.lost:
-            self._drop(lease, release=False)  # never granted
 
     def _drop(self, lease: _Lease, release: bool) -> None:
         if self._leases.get(lease.bid) is lease:
             del self._leases[lease.bid]
+        self._live.discard(lease)
         if lease.timer is not None:
             lease.timer.cancel()
         lease.lost = True  # a ticket still holding it must not write
@@ -299,19 +436,19 @@ class Fence:
 
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            await asyncio.sleep(self.timing.renew_every)
             try:
                 await self.renew_all()
             except Exception:  # never let the renewer die: the deadlines still protect
                 log.exception("lease renewal failed")
 
     async def renew_all(self) -> None:
-        now = monotonic()
+        now = self.clock()
         renewing = []
-        for lease in list(self._leases.values()):
+        for lease in list(self._live):
             if lease.deadline == 0.0:
                 continue  # its first acquire is still on its way
-            if lease.inflight or now - lease.used < IDLE:
+            if lease.inflight or now - lease.used < self.timing.idle:
                 renewing.append(lease)
             else:
                 self._drop(lease, release=True)
@@ -319,22 +456,22 @@ class Fence:
             await asyncio.gather(*(self._renew(lease) for lease in renewing))
 
     async def _renew(self, lease: _Lease) -> None:
-        started = monotonic()
+        started = self.clock()
         try:
-            reply: LeaseReply = await counted(
-                self.metrics, "renew", self.store.renew(lease.bid, lease.token, LEASE_TTL)
-            )
+            reply: LeaseReply = await counted(self.metrics, "renew", self.store.renew(lease.bid, lease.token))
         except StoreError as exc:
             log.warning("lease renewal failed", extra={"bid": lease.bid, "error": str(exc)})
             return  # the deadline timer acts if no later renewal succeeds
         if lease.lost:
             return
         if not reply.held:
-            self._lose(lease, "the ledger no longer holds the lease")
+            self._lose(lease, "a committer ended the lease (it saw no renewal for a lease life)")
             return
         self._extend(lease, started)
         if reply.state != OPEN:
-            self._sealed(lease.bid)
+            lease.sealed = True
+            if lease.inflight == 0:
+                self._drop(lease, release=True)
 
     # ------------------------------------------------------------------------------------------
     # Commit
@@ -346,15 +483,17 @@ class Fence:
         """Seal bid and wait until nothing admitted into it is in flight at any gateway. Without
         `adopt`, a batch the ledger has no record of is left alone (CommitStart.UNKNOWN).
 
-        Raises StoreError when the store cannot be asked (the attempt then expires by itself)."""
-        ttl = timeout + ATTEMPT_EXTRA
+        Raises StoreError when the store cannot be asked (the attempt is then abandoned, and
+        resolved by whoever sees it unchanged for `attempt_life`)."""
         # This gateway stops admitting into bid now, and releases an idle lease of its own ahead
         # of the seal (one connection keeps the order), so the first check can already go.
         self._sealed(bid)
+        watch = self._lease_watch
         # The first check is sent right behind the seal, unawaited: one round trip, not two.
+        # It may already end leases this gateway watched during an earlier attempt.
         begun, go = await asyncio.gather(
-            counted(self.metrics, "begin_commit", self.store.begin_commit(bid, attempt, ttl, adopt)),
-            counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, ttl, adopt)),
+            counted(self.metrics, "begin_commit", self.store.begin_commit(bid, attempt, adopt)),
+            counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, watch.lapsed(bid), adopt)),
             return_exceptions=True,
         )
         for outcome in (begun, go):
@@ -364,25 +503,25 @@ class Fence:
             return CommitStart.UNKNOWN
         if begun in (COMMITTED, FIRED):
             return CommitStart.REPEAT
-        started = monotonic()
+        started = self.clock()
         deadline = started + timeout
         delay = 0.0005
         try:
-            while not go:
-                if monotonic() + delay > deadline:
+            while not go.go:
+                lapsed = watch.saw(bid, go.leases)
+                if self.clock() + delay > deadline:
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.02)
-                go = await counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, ttl))
+                if not lapsed:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+                go = await counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, lapsed))
         finally:
-            self.metrics.fence_wait.observe(monotonic() - started)
-        if go:
+            self.metrics.fence_wait.observe(self.clock() - started)
+        if go.go:
+            watch.forget(bid)
             return CommitStart.GO
         await self.finish_commit(bid, attempt, committed=False)
         return CommitStart.TIMED_OUT
 
     async def finish_commit(self, bid: str, attempt: str, committed: bool) -> None:
         await counted(self.metrics, "finish_commit", self.store.finish_commit(bid, attempt, committed))
-
-    def local_leases(self) -> int:
-        return len(self._leases)

@@ -26,6 +26,7 @@ from . import (
     OPEN_TTL,
     UNKNOWN,
     BatchState,
+    CommitGo,
     LeaseReply,
     SealListener,
 )
@@ -87,8 +88,9 @@ class MemoryStore:
         self.clock = clock
         self._epoch = clock()
         self._batches: dict[str, int] = {}  # bid -> expiry_ms << 2 | state code
-        self._leases: dict[str, dict[str, int]] = {}  # bid -> {gateway: expiry_ms}
-        self._attempts: dict[str, dict[str, tuple[bool, int]]] = {}  # bid -> {attempt: (sent, expiry)}
+        # The fence's data carries beats, never times (as in Redis: docs/fence.md, A1).
+        self._leases: dict[str, dict[str, int]] = {}  # bid -> {lease token: beat}
+        self._attempts: dict[str, dict[str, int]] = {}  # bid -> {'w:<id>' or 's:<id>': beat}
         self._held: dict[str, dict[str, tuple[list[str], int]]] = {}  # wid -> {jid: (bids, expiry)}
         self._callbacks: dict[str, tuple[str, ...]] = {}  # bid -> its callbacks' jids
         self._wheel = ExpiryWheel()
@@ -108,7 +110,8 @@ class MemoryStore:
             packed = self._batches.get(bid)
             if packed is not None and packed >> 2 <= now:
                 del self._batches[bid]
-                self._leases.pop(bid, None)
+                # Leases are not the record's: their holders release them (as in Redis, where
+                # they outlive a record that ages out while pushes are still admitted).
                 self._attempts.pop(bid, None)
                 self._callbacks.pop(bid, None)
         for wid in self._held_wheel.due(now, limit):
@@ -131,10 +134,7 @@ class MemoryStore:
         packed = self._batches.get(bid)
         if packed is None or packed >> 2 <= now:
             return UNKNOWN
-        state = _CODES[packed & 3]
-        if state == COMMITTING:
-            return self._resolve_commit(bid, now)
-        return state
+        return _CODES[packed & 3]
 
     def _ttl_ms(self, state: BatchState) -> int:
         if state == COMMITTED:
@@ -150,26 +150,6 @@ class MemoryStore:
         if state != COMMITTING:
             self._attempts.pop(bid, None)
 
-    def _live_attempts(self, bid: str, now: int) -> dict[str, tuple[bool, int]]:
-        return {a: v for a, v in self._attempts.get(bid, {}).items() if v[1] > now}
-
-    def _resolve_commit(self, bid: str, now: int) -> BatchState:
-        """A committing batch whose every attempt expired was abandoned by its gateway."""
-        attempts = self._attempts.get(bid, {})
-        if any(expires > now for _, expires in attempts.values()):
-            return COMMITTING
-        # Sent (or possibly sent) means the server may have committed it: the safe reading is
-        # committed. Never sent means the server cannot have it committed: open again.
-        state = COMMITTED if any(sent for sent, _ in attempts.values()) else OPEN
-        self._set(bid, state)
-        return state
-
-    def _lease_live(self, bid: str, gateway: str, now: int) -> bool:
-        return self._leases.get(bid, {}).get(gateway, 0) > now
-
-    def _live_leases(self, bid: str, now: int) -> int:
-        return sum(1 for expires in self._leases.get(bid, {}).values() if expires > now)
-
     # ------------------------------------------------------------------------------------------
     # The interface
 
@@ -180,56 +160,69 @@ class MemoryStore:
     async def state(self, bid: str) -> BatchState:
         return self._get(bid)
 
-    async def acquire(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+    async def acquire(self, bid: str, token: str) -> LeaseReply:
         state = self._get(bid)
+        leases = self._leases.get(bid, {})
         if state != OPEN:
-            return LeaseReply(state, self._lease_live(bid, gateway, self._now()))
-        self._leases.setdefault(bid, {})[gateway] = self._now() + int(ttl * 1000)
+            return LeaseReply(state, token in leases)
+        leases = self._leases.setdefault(bid, {})
+        leases[token] = leases.get(token, 0) + 1
         return LeaseReply(state, True)
 
-    async def renew(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
+    async def renew(self, bid: str, token: str) -> LeaseReply:
         state = self._get(bid)
-        now = self._now()
-        if not self._lease_live(bid, gateway, now):
+        leases = self._leases.get(bid, {})
+        if token not in leases:
             return LeaseReply(state, False)
-        self._leases[bid][gateway] = now + int(ttl * 1000)
+        leases[token] += 1
         return LeaseReply(state, True)
 
-    def release(self, bid: str, gateway: str) -> None:
+    def release(self, bid: str, token: str) -> None:
         leases = self._leases.get(bid)
         if leases is not None:
-            leases.pop(gateway, None)
+            leases.pop(token, None)
             if not leases:
                 del self._leases[bid]
 
-    async def begin_commit(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> BatchState:
+    def _seal(self, bid: str, attempt: str) -> None:
+        if self._get(bid) != COMMITTING:
+            self._set(bid, COMMITTING)
+        attempts = self._attempts.setdefault(bid, {})
+        attempts["w:" + attempt] = attempts.get("w:" + attempt, 0) + 1
+        for listener in self._listeners:
+            listener(bid)
+
+    async def begin_commit(self, bid: str, attempt: str, adopt: bool = True) -> BatchState:
         before = self._get(bid)
         if before == UNKNOWN and not adopt:
             return before
         if before in (OPEN, UNKNOWN, COMMITTING):
-            if before != COMMITTING:
-                self._set(bid, COMMITTING)
-            self._attempts.setdefault(bid, {})[attempt] = (False, self._now() + int(ttl * 1000))
-            for listener in self._listeners:
-                listener(bid)
+            self._seal(bid, attempt)
         return before
 
-    async def commit_go(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> bool:
+    async def commit_go(self, bid: str, attempt: str, lapsed: dict[str, int], adopt: bool = True) -> CommitGo:
         state = self._get(bid)
         if state in (COMMITTED, FIRED):
-            return True  # another attempt finished: this one is a repeated commit, the server answers
+            return CommitGo(
+                True
+            )  # another attempt finished: this one is a repeated commit, the server answers
         if state == UNKNOWN and not adopt:
-            return False
-        now = self._now()
-        if state != COMMITTING:  # this attempt lapsed and the batch reopened: seal it again, wait again
-            await self.begin_commit(bid, attempt, ttl)
-            return False
+            return CommitGo(False)
+        if state != COMMITTING:  # this attempt was abandoned and the batch reopened: seal it again, wait
+            self._seal(bid, attempt)
+            return CommitGo(False)
+        leases = self._leases.get(bid, {})
+        for token in [token for token, beat in leases.items() if lapsed.get(token) == beat]:
+            del leases[token]  # seen unchanged for a whole lease life by the committer: ended
         attempts = self._attempts.setdefault(bid, {})
-        go = self._live_leases(bid, now) == 0
-        attempts[attempt] = (go or attempts.get(attempt, (False, 0))[0], now + int(ttl * 1000))
-        if go:  # from here the server may have it committed: the record lives as long as a committed one
-            self._set(bid, COMMITTING, self.committed_ms)
-        return go
+        if leases:
+            attempts["w:" + attempt] = attempts.get("w:" + attempt, 0) + 1
+            return CommitGo(False, dict(leases))
+        attempts.pop("w:" + attempt, None)
+        attempts["s:" + attempt] = attempts.get("s:" + attempt, 0) + 1
+        # From here the server may have it committed: the record lives as long as a committed one.
+        self._set(bid, COMMITTING, self.committed_ms)
+        return CommitGo(True)
 
     async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
         state = self._get(bid)
@@ -238,10 +231,24 @@ class MemoryStore:
         if committed:  # the server said +OK: whatever other attempts or timeouts did, it is committed
             self._set(bid, COMMITTED)
             return COMMITTED
-        self._attempts.get(bid, {}).pop(attempt, None)
-        if state == COMMITTING and not self._live_attempts(bid, self._now()):
+        attempts = self._attempts.get(bid, {})
+        attempts.pop("w:" + attempt, None)
+        attempts.pop("s:" + attempt, None)
+        if state == COMMITTING and not attempts:
             self._set(bid, OPEN)
             return OPEN
+        return state
+
+    async def attempts(self, bid: str) -> dict[str, int]:
+        return dict(self._attempts.get(bid, {}))
+
+    async def abandon(self, bid: str, seen: dict[str, int]) -> BatchState:
+        state = self._get(bid)
+        if state != COMMITTING or self._attempts.get(bid, {}) != seen:
+            return state
+        # A sent attempt may have reached the server: committed is the safe reading.
+        state = COMMITTED if any(attempt.startswith("s:") for attempt in seen) else OPEN
+        self._set(bid, state)
         return state
 
     async def reopen(self, bid: str) -> BatchState:

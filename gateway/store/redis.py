@@ -4,8 +4,8 @@ Keys (prefix configurable, `fgw:` by default); the keys of one batch share the h
 so that each Lua script touches one Redis Cluster slot:
 
 - `<prefix>{<bid>}:state`     string: open | committing | committed | fired, with a TTL
-- `<prefix>{<bid>}:leases`    sorted set: gateway id -> lease expiry (Redis's clock, ms)
-- `<prefix>{<bid>}:attempts`  sorted set: commit attempt ('w:' waiting, 's:' sent) -> expiry
+- `<prefix>{<bid>}:leases`    hash: lease token -> beat (no expiry: see lua/prelude.lua)
+- `<prefix>{<bid>}:attempts`  hash: commit attempt ('w:' waiting, 's:' sent) -> beat
 - `<prefix>{<bid>}:callbacks` set: the jids its BATCH NEW gave its callbacks (mode member-reopen)
 - `<prefix>{wid:<wid>}:held`  hash: jid -> "<expiry ms> <bid> [<bid>]" (mode member-reopen)
 - channel `<prefix>seal`      a bid, published when a commit seals it (works on Cluster too:
@@ -31,6 +31,7 @@ from . import (
     OPEN,
     OPEN_TTL,
     BatchState,
+    CommitGo,
     LeaseReply,
     SealListener,
     StoreError,
@@ -51,10 +52,11 @@ class _Script:
 
 
 STATE, ACQUIRE, RENEW = _Script("state"), _Script("acquire"), _Script("renew")
-BEGIN_COMMIT, COMMIT_GO, FINISH_COMMIT = (
+BEGIN_COMMIT, COMMIT_GO, FINISH_COMMIT, ABANDON = (
     _Script("begin_commit"),
     _Script("commit_go"),
     _Script("finish_commit"),
+    _Script("abandon"),
 )
 TRANSITION = _Script("transition")
 _EVERY_STATE = ",".join(s.value for s in BatchState)
@@ -108,27 +110,37 @@ class RedisStore:
     async def state(self, bid: str) -> BatchState:
         return BatchState(await self._eval(STATE, bid))
 
-    async def acquire(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
-        state, held = await self._eval(ACQUIRE, bid, gateway, int(ttl * 1000))
+    async def acquire(self, bid: str, token: str) -> LeaseReply:
+        state, held = await self._eval(ACQUIRE, bid, token)
         return LeaseReply(BatchState(state), bool(held))
 
-    async def renew(self, bid: str, gateway: str, ttl: float) -> LeaseReply:
-        state, held = await self._eval(RENEW, bid, gateway, int(ttl * 1000))
+    async def renew(self, bid: str, token: str) -> LeaseReply:
+        state, held = await self._eval(RENEW, bid, token)
         return LeaseReply(BatchState(state), bool(held))
 
-    def release(self, bid: str, gateway: str) -> None:
-        self.conn.send_only("ZREM", self._keys(bid)[1], gateway)
+    def release(self, bid: str, token: str) -> None:
+        self.conn.send_only("HDEL", self._keys(bid)[1], token)
 
-    async def begin_commit(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> BatchState:
-        args = (attempt, int(ttl * 1000), self.channel, bid, "1" if adopt else "0")
+    async def begin_commit(self, bid: str, attempt: str, adopt: bool = True) -> BatchState:
+        args = (attempt, self.channel, bid, "1" if adopt else "0")
         return BatchState(await self._eval(BEGIN_COMMIT, bid, *args))
 
-    async def commit_go(self, bid: str, attempt: str, ttl: float, adopt: bool = True) -> bool:
-        args = (attempt, int(ttl * 1000), self.channel, bid, "1" if adopt else "0")
-        return bool(await self._eval(COMMIT_GO, bid, *args))
+    async def commit_go(self, bid: str, attempt: str, lapsed: dict[str, int], adopt: bool = True) -> CommitGo:
+        pairs = [item for token, beat in lapsed.items() for item in (token, beat)]
+        reply = await self._eval(COMMIT_GO, bid, attempt, self.channel, bid, "1" if adopt else "0", *pairs)
+        if reply[0]:
+            return CommitGo(True)
+        return CommitGo(False, _beats(reply[1:]))
 
     async def finish_commit(self, bid: str, attempt: str, committed: bool) -> BatchState:
         return BatchState(await self._eval(FINISH_COMMIT, bid, attempt, "1" if committed else "0"))
+
+    async def attempts(self, bid: str) -> dict[str, int]:
+        return _beats(await self._call("HGETALL", self._keys(bid)[2]))
+
+    async def abandon(self, bid: str, seen: dict[str, int]) -> BatchState:
+        pairs = [item for attempt, beat in seen.items() for item in (attempt, beat)]
+        return BatchState(await self._eval(ABANDON, bid, *pairs))
 
     async def reopen(self, bid: str) -> BatchState:
         return await self._move(bid, COMMITTED.value, OPEN)
@@ -189,3 +201,11 @@ class RedisStore:
         if self._subscriber is not None:
             await self._subscriber.close()
         await self.conn.close()
+
+
+def _beats(flat) -> dict[str, int]:
+    """A hash's fields as {field: beat}, from HGETALL's flat reply (redis-py's cluster client
+    already makes it a dict)."""
+    if isinstance(flat, dict):
+        return {field: int(beat) for field, beat in flat.items()}
+    return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}

@@ -14,10 +14,9 @@ import json
 
 import pytest
 
-from gateway import fence as fence_module
 from gateway.config import build
 from gateway.decisions import Forward, Respond
-from gateway.fence import CommitStart, Fence
+from gateway.fence import CommitStart, Fence, Timing
 from gateway.guard import BatchGuard
 from gateway.metrics import Metrics
 from gateway.protocol import Command, ReplyReader, bulk_reply
@@ -25,6 +24,7 @@ from gateway.store import COMMITTED, FIRED, OPEN, UNKNOWN, StoreError
 from gateway.store.memory import MemoryStore
 
 DAY = 86400.0
+SHORT = Timing(lease_life=0.2, margin=0.02, server_bound=0.03, renew_every=0.05, idle=0.05, attempt_life=0.3)
 OK = ReplyReader().feed(b"+OK\r\n")[0]
 
 
@@ -42,7 +42,7 @@ class FakeClient:
         self.asked: list[bytes] = []
         self.aborted = 0
 
-    def waits_on_server(self) -> bool:
+    def unanswered(self) -> bool:
         return self.pending > 0
 
     async def all_answered(self) -> None:
@@ -218,7 +218,7 @@ async def test_overlapping_commits_the_second_ones_ok_seals_the_batch(store):
 async def test_admission_waits_until_the_connections_earlier_commands_are_answered(guard, store):
     client = FakeClient()
     await store.create("b-1")
-    client.pending = 9  # e.g. nine FETCHes on an empty queue ahead of this PUSH
+    client.pending = 2  # e.g. a slow QUEUE REMOVE and an INFO whose reply the client has not read
     decision = guard.decide(Command.parse(push("b-1").encode() + b"\r\n"), client)
     assert inspect.isawaitable(decision)
     task = asyncio.ensure_future(decision)
@@ -251,8 +251,7 @@ async def test_a_seal_from_another_gateway_stops_local_admission_at_once(store):
 
 
 async def test_a_lease_that_cannot_be_renewed_resets_its_connections_before_the_deadline(store, monkeypatch):
-    monkeypatch.setattr(fence_module, "VALID_FOR", 0.1)
-    fence = Fence(store, Metrics())
+    fence = Fence(store, Metrics(), timing=SHORT)
     await store.create("b-1")
     _, written = await fence.admit("b-1")
     client = FakeClient()
@@ -264,7 +263,7 @@ async def test_a_lease_that_cannot_be_renewed_resets_its_connections_before_the_
 
     monkeypatch.setattr(store, "renew", down)
     await fence.renew_all()
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(SHORT.valid_for + 0.05)
     assert client.aborted == 1  # the connection carrying the written command was reset
     assert not unwritten.writable()  # and the one not yet written never will be
     assert unwritten.unwritable_reply().startswith(b"-ERR STATE_UNAVAILABLE")
@@ -409,19 +408,17 @@ async def test_only_the_real_child_callback_lets_its_worker_reopen_the_parent(st
     assert isinstance(await decide(guard, "BATCH OPEN b-parent", worker), Forward)
 
 
-async def test_a_deadline_timer_that_fires_early_looks_again(store, monkeypatch):
+async def test_a_deadline_timer_that_fires_early_looks_again(store):
     """The event loop's clock is cached per iteration: its timer can fire before time.monotonic()
     reaches the deadline. Then the fence must look again, not give up (a lost abort is a late join)."""
     import time as real_time
 
-    monkeypatch.setattr(fence_module, "VALID_FOR", 0.05)
-    fence = Fence(store, Metrics())
+    behind = 0.0
+    fence = Fence(store, Metrics(), clock=lambda: real_time.monotonic() - behind, timing=SHORT)
     await store.create("b-1")
     _, ticket = await fence.admit("b-1")  # the timer is armed on one clock...
     client = FakeClient()
     ticket.written(client.abort)
-    monkeypatch.setattr(
-        fence_module, "monotonic", lambda: real_time.monotonic() - 0.02
-    )  # ...read on a later one
-    await asyncio.sleep(0.2)
+    behind = 0.02  # ...and read on one that lags it
+    await asyncio.sleep(SHORT.valid_for + 0.1)
     assert client.aborted == 1

@@ -1,11 +1,13 @@
 -- Prepended to every script (redis.py joins them), so that every script reads a batch the same way.
 -- KEYS[1]  the batch's state (string: open | committing | committed | fired)
--- KEYS[2]  the gateways' leases (sorted set: gateway id -> expiry, Redis's clock in ms)
--- KEYS[3]  the commit attempts (sorted set: 'w:<id>' waiting or 's:<id>' sent -> expiry)
+-- KEYS[2]  the gateways' leases (hash: lease token -> beat)
+-- KEYS[3]  the commit attempts (hash: 'w:<id>' waiting or 's:<id>' sent -> beat)
 -- ARGV[1], ARGV[2], ARGV[3]  record lifetimes in ms: open/committing, committed, fired
 -- All three keys share the hash tag {<bid>}, so a script touches one Redis Cluster slot.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--
+-- No script reads Redis's clock (TIME): leases and attempts carry beats (counters), and only the
+-- gateways measure time, each on its own monotonic clock (docs/fence.md, A1). Key lifetimes are
+-- garbage collection only, and every one of them is at least the batch record's own.
 
 local function ttl_for(state)
   if state == 'committed' then return ARGV[2] end
@@ -18,41 +20,19 @@ local function set_state(state)
   if state ~= 'committing' then redis.call('DEL', KEYS[3]) end
 end
 
--- The batch's state. A committing batch none of whose attempts is live was abandoned by the
--- gateway committing it: if an attempt may have reached the server it reads as committed (the
--- safe side), otherwise the server cannot have committed it and it is open again.
 local function current()
-  local state = redis.call('GET', KEYS[1])
-  if not state then return 'unknown' end
-  if state ~= 'committing' then return state end
-  if redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') > 0 then return state end
-  state = 'open'
-  for _, attempt in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    if string.sub(attempt, 1, 2) == 's:' then state = 'committed' end
-  end
-  set_state(state)
-  return state
+  return redis.call('GET', KEYS[1]) or 'unknown'
 end
 
-local function lease_live(gateway)
-  local expires = redis.call('ZSCORE', KEYS[2], gateway)
-  return expires and tonumber(expires) > now
+-- A leases or attempts hash lives at least as long as the open-record lifetime and the record.
+local function keep(key)
+  redis.call('PEXPIRE', key, math.max(tonumber(ARGV[1]), redis.call('PTTL', KEYS[1])))
 end
 
-local function extend_lease(gateway, ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, gateway)
-  redis.call('PEXPIRE', KEYS[2], ttl * 2)
-end
-
--- Register a commit attempt; the attempts live at least as long as the record they belong to.
-local function attempt_until(member, ttl)
-  redis.call('ZADD', KEYS[3], now + ttl, member)
-  redis.call('PEXPIRE', KEYS[3], math.max(ttl, redis.call('PTTL', KEYS[1])))
-end
-
--- Seal the batch for a commit attempt and tell every gateway (they stop admitting at once).
-local function seal(attempt, ttl, channel, bid)
-  if redis.call('GET', KEYS[1]) ~= 'committing' then set_state('committing') end
-  attempt_until('w:' .. attempt, ttl)
+-- Seal the batch for a commit attempt (beat it) and tell every gateway (they stop admitting at once).
+local function seal(attempt, channel, bid)
+  if current() ~= 'committing' then set_state('committing') end
+  redis.call('HINCRBY', KEYS[3], 'w:' .. attempt, 1)
+  keep(KEYS[3])
   redis.call('PUBLISH', channel, bid)
 end

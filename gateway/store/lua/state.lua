@@ -1,2 +1,2 @@
--- The batch's state (abandoned commits resolved on the way).
+-- The batch's state.
 return current()
