@@ -72,9 +72,11 @@ class Client(Protocol):
     wid: str | None
     peer: str
 
-    def waits_on_server(self) -> bool:
-        """A command that the server may hold for a while (FETCH on an empty queue) was sent on
-        this connection and is not answered yet: anything written now would wait behind it."""
+    def unanswered(self) -> bool:
+        """Something written upstream on this connection is not answered yet (a command, or a
+        question of the gateway's own): a command written now would wait behind it at the
+        server, for as long as the server or the client likes (a slow QUEUE command, a reply the
+        client does not read)."""
 
     async def all_answered(self) -> None:
         """Wait until every command sent upstream so far was answered."""

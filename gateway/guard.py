@@ -13,7 +13,9 @@ Invariants (docs/invariants.md has each with its test) and where they are kept h
   BATCH STATUS is checked before a committed batch is reopened.
 - I8: BATCH COMMIT goes to the server only after the fence saw nothing admitted in flight.
 - Admission waits until every earlier command of the connection was answered (the barrier), so
-  that a lease covers the server's handling of that one command, not a client's queue before it.
+  that an admitted command is at the head of the server's queue when it is written: a lease then
+  covers the server's handling of that one command, never a client's queue before it (Faktory
+  handles what reached it even after a reset: docs/fence.md, A3).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Awaitable
 from . import policy
 from .config import Config
 from .decisions import Client, Decision, Forward, Respond
-from .fence import CommitStart, Fence, Ticket, TicketGroup
+from .fence import ADMIT_MAX_BYTES, CommitStart, Fence, Ticket, TicketGroup
 from .holdings import Holdings
 from .metrics import Metrics, counted
 from .policy import MEMBER_REOPEN, SHADOW, Malformed, Refusal
@@ -108,7 +110,7 @@ class BatchGuard:
         decide() would forward unchanged under a lease this gateway holds (the same reading, the
         same local admission, nothing held by the server ahead of it); else None, and decide()
         takes the command as usual."""
-        if len(verbs) != 1 or verbs[0] != b"PUSH" or client.waits_on_server():
+        if len(verbs) != 1 or verbs[0] != b"PUSH" or client.unanswered() or len(chunk) > ADMIT_MAX_BYTES:
             return None
         line = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1]  # as Command.parse splits it
         try:
@@ -228,9 +230,13 @@ class BatchGuard:
     def _forward_admitted(
         self, command: Command, client: Client, bid: str, nest: bool, on_reply=None, data: bytes | None = None
     ) -> Decision | Awaitable[Decision]:
-        """The fast path: nothing the server may hold is ahead on this connection and this
-        gateway's lease on bid admits locally: no store call, no task. Otherwise the full admission."""
-        if not client.waits_on_server():
+        """The fast path: nothing is unanswered on this connection and this gateway's lease on
+        bid admits locally: no store call, no task. Otherwise the full admission."""
+        if len(command.raw) > ADMIT_MAX_BYTES:
+            return self._refuse(
+                policy.refusal_too_large(len(command.raw), ADMIT_MAX_BYTES), command, client, bid
+            )
+        if not client.unanswered():
             ticket = self.fence.admit_locally(bid)
             if ticket is not None:
                 return Forward(data or command.raw, on_reply, ticket)
@@ -239,7 +245,7 @@ class BatchGuard:
     async def _admit_and_forward(
         self, command: Command, client: Client, bid: str, nest: bool, on_reply
     ) -> Decision:
-        if client.waits_on_server():
+        if client.unanswered():
             await client.all_answered()
         try:
             state, ticket = await self._admit(bid, client)
@@ -283,7 +289,11 @@ class BatchGuard:
     ) -> Decision:
         """Admit each batch once; refuse only the jobs whose batch refuses (or that carry a
         reserved key); forward the rest as one PUSHB."""
-        if client.waits_on_server():
+        if any(bids) and len(command.raw) > ADMIT_MAX_BYTES:
+            return self._refuse(
+                policy.refusal_too_large(len(command.raw), ADMIT_MAX_BYTES), command, client, None
+            )
+        if client.unanswered():
             await client.all_answered()
         tickets: list[Ticket] = []
         refusals: dict[str, Refusal] = {}
@@ -373,7 +383,7 @@ class BatchGuard:
 
     async def _batch_open(self, bid: str, command: Command, client: Client) -> Decision:
         try:
-            state = await self._store("state", self.store.state(bid))
+            state = await self.fence.state(bid)
             if state == UNKNOWN:
                 state = await self._judge_unknown(bid, client)
                 if state is None or state == OPEN:

@@ -118,14 +118,11 @@ class Run:
         self.received = received
         self.upstream_time = 0.0
 
-    def fetch_unanswered(self) -> bool:
-        return self.fetches and b"FETCH" in self.verbs[self.answered : self.owed]
-
 
 class Owed:
     """A line sent upstream whose reply fills `slot`, seen first by `on_reply`, ending `ticket`."""
 
-    __slots__ = ("fetch", "linger", "on_reply", "slot", "ticket")
+    __slots__ = ("linger", "on_reply", "slot", "ticket")
 
     def __init__(
         self,
@@ -133,13 +130,11 @@ class Owed:
         on_reply: ReplyHandler | None = None,
         ticket: Ticket | None = None,
         linger: bool = False,
-        fetch: bool = False,
     ):
         self.slot = slot
         self.on_reply = on_reply
         self.ticket = ticket
         self.linger = linger
-        self.fetch = fetch
 
 
 class Question:
@@ -188,7 +183,6 @@ class Pipeline:
         self.held: deque[tuple[Command, float]] | None = None  # made on the first DECIDING
         self.in_flight = 0  # client commands received and not yet answered to the client
         self.reset_on_close = False  # a ticketed command went upstream: close must reset (fence)
-        self._fetches_owed = 0  # FETCHes on the full path sent and unanswered
         # What is to be written to either side, in order (to_server() and to_client() take it);
         # the driver may test them for emptiness directly.
         self.server_out: list[bytes] = []
@@ -361,10 +355,7 @@ class Pipeline:
             self.reset_on_close = True
         slot.sent = perf_counter()
         self.slots.append(slot)
-        fetch = command.verb == b"FETCH"
-        self.waiting.append(Owed(slot, on_reply, ticket, linger, fetch))
-        if fetch:
-            self._fetches_owed += 1
+        self.waiting.append(Owed(slot, on_reply, ticket, linger))
         self.server_out.append(data)
         if ticket is not None:
             ticket.written(self.abort)
@@ -459,8 +450,6 @@ class Pipeline:
             owed.ticket.answered()
         slot = owed.slot
         slot.upstream_time = now - slot.sent
-        if owed.fetch:
-            self._fetches_owed -= 1
         if reply.kind == MINUS:
             slot.result = "error"
         if owed.on_reply is None:
@@ -499,10 +488,7 @@ class Pipeline:
         for offset, (verb, ticket) in enumerate(zip(rest, tickets, strict=True)):
             slot = Slot(verb_label(verb), run.received)
             self.slots.insert(index + 1 + offset, slot)
-            fetch = verb == b"FETCH"
-            owed.append(Owed(slot, on_fetched if fetch else None, ticket, ticket is not None, fetch=fetch))
-            if fetch:
-                self._fetches_owed += 1
+            owed.append(Owed(slot, on_fetched if verb == b"FETCH" else None, ticket, ticket is not None))
         self.waiting.extendleft(reversed(owed))
 
     def upstream_lost(self) -> None:
@@ -587,10 +573,9 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------
     # What the driver and the guard ask
 
-    def waits_on_server(self) -> bool:
-        if self._fetches_owed > 0:
-            return True
-        return any(type(owed) is Run and owed.fetch_unanswered() for owed in self.waiting)
+    def unanswered(self) -> bool:
+        """Something sent upstream is not answered yet (the barrier of the commit fence)."""
+        return bool(self.waiting)
 
     def when_all_answered(self, answered: Callable[[], None], lost: Callable[[], None]) -> bool:
         """Call `answered` once nothing is owed by the server, or `lost` if the upstream is lost

@@ -235,6 +235,15 @@ def refusal_lease_lost(bid: str) -> Refusal:
     )
 
 
+def refusal_too_large(size: int, limit: int) -> Refusal:
+    """A batch command longer than the commit fence's measured bound on the server's handling."""
+    return Refusal(
+        "BATCH_COMMAND_TOO_LARGE",
+        f"a command adding to a batch may be at most {limit} bytes (the commit fence bounds how long"
+        f" the server takes to handle it); this one is {size} bytes: split it",
+    )
+
+
 def refusal_reserved(keys: list[str]) -> Refusal:
     return Refusal(
         "RESERVED_KEY",

@@ -8,7 +8,11 @@ closes what is done.
 
 Back-pressure is explicit: the client's reads pause while the upstream's write buffer is full, while
 `max_pipeline` commands are in flight, and before the upstream is dialled; the upstream's reads
-pause while the client's write buffer is full.
+pause while the client's write buffer is full, except while a reply the gateway itself must see
+is owed (an admitted batch command's, a commit's): a client that does not read must not keep a
+lease alive, and so hold every commit of that batch (docs/fence.md). By the fence's barrier that
+reply is the next one the server sends, so the extra buffering is about one read; a client whose
+backlog still grows past `max_line_bytes` is closed.
 
 The session knows nothing of the Server: it gets a `SessionContext` (limits, metrics, the guard,
 how to dial the upstream, and the registry's open/close callbacks).
@@ -31,7 +35,12 @@ from .pipeline import DECIDING, HANDSHAKE, Pipeline, Rules, take
 from .protocol import FrameTooLarge, ProtocolError, Reply, error_reply
 
 log = logging.getLogger("gateway.session")
-LINGER_TIMEOUT = 10.0  # seconds a closed session keeps its upstream for owed lease releases
+# How long a session whose client left keeps its upstream for replies the gateway must see (an
+# admitted command's: its lease is released when it is answered; a commit's: the ledger records
+# it). The server answers one command within the fence's SERVER_BOUND unless something is badly
+# wrong; after this the upstream is reset, and the lease still counts the command for a while
+# (fence.Ticket.lost).
+LINGER_TIMEOUT = 120.0
 # SO_LINGER on, 0 s: closing the socket resets the connection and discards unsent bytes, also
 # when the process is killed. Set on upstream connections that carry admitted batch commands, so
 # that a command whose lease is gone cannot still be delivered after its batch was committed.
@@ -103,6 +112,9 @@ class Session(asyncio.Protocol):
         self._tasks: set[asyncio.Task] = set()
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._resets_on_close = False
+        self._client_full = False  # the client's write buffer is over its high-water mark
+        self._upstream_paused = False  # we paused the upstream's reads (the client is full)
+        self.backlog_limit = limits.max_line_bytes
 
     # ------------------------------------------------------------------------------------------
     # decisions.Client
@@ -111,8 +123,8 @@ class Session(asyncio.Protocol):
     def wid(self) -> str | None:
         return self.pipeline.wid
 
-    def waits_on_server(self) -> bool:
-        return self.pipeline.waits_on_server()
+    def unanswered(self) -> bool:
+        return self.pipeline.unanswered()
 
     async def all_answered(self) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -210,6 +222,8 @@ class Session(asyncio.Protocol):
             data = take(out)
             if self.upstream is not None and pipeline.upstream_open:
                 self.upstream.write(data)
+                if self._upstream_paused and pipeline.owes_linger():
+                    self._resume_upstream()  # an admitted command's reply must be read, whatever the client does
         out = pipeline.client_out
         if out:
             data = take(out)
@@ -258,6 +272,12 @@ class Session(asyncio.Protocol):
                 self.upstream.close()
             return
         self._pump()
+        if self._client_full and not self.closed:
+            if self.client.get_write_buffer_size() > self.backlog_limit:
+                log.warning("client does not read its replies; closing", extra={"peer": self.peer})
+                self.close()  # the upstream stays until what the gateway must see is answered
+            else:
+                self._pause_upstream_if_free()
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.pipeline.upstream_lost()
@@ -294,12 +314,27 @@ class Session(asyncio.Protocol):
                 self.client.resume_reading()
 
     def pause_writing(self) -> None:  # the client's write buffer is full
-        if self.upstream is not None and self.pipeline.upstream_open:
-            self.upstream.pause_reading()
+        self._client_full = True
+        self._pause_upstream_if_free()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.pipeline.upstream_open:
-            self.upstream.resume_reading()
+        self._client_full = False
+        self._resume_upstream()
+
+    def _pause_upstream_if_free(self) -> None:
+        """Stop reading the server for a client that does not read, unless a reply the gateway
+        must see is owed (an admitted command's lease ends only when its reply is read)."""
+        if self._upstream_paused or self.upstream is None or not self.pipeline.upstream_open:
+            return
+        if not self.pipeline.owes_linger():
+            self.upstream.pause_reading()
+            self._upstream_paused = True
+
+    def _resume_upstream(self) -> None:
+        if self._upstream_paused:
+            self._upstream_paused = False
+            if self.upstream is not None and self.pipeline.upstream_open:
+                self.upstream.resume_reading()
 
     def _handshake_expired(self) -> None:
         if self.pipeline.phase is HANDSHAKE and not self.closed:
@@ -342,6 +377,7 @@ class Session(asyncio.Protocol):
             if self.pipeline.owes_linger():
                 # A reply that must be handled (a lease release) is owed: upstream_data closes the
                 # upstream once it came; this timer resets it if it never comes.
+                self._resume_upstream()
                 asyncio.get_running_loop().call_later(LINGER_TIMEOUT, self.upstream.abort)
             else:
                 self.upstream.close()

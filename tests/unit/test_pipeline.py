@@ -87,8 +87,13 @@ class Harness:
         )
 
     # decisions.Client, as far as the guard asks in these tests
-    def waits_on_server(self) -> bool:
-        return self.pipeline.waits_on_server()
+    def unanswered(self) -> bool:
+        return self.pipeline.unanswered()
+
+    async def all_answered(self) -> None:
+        future = asyncio.get_running_loop().create_future()
+        if self.pipeline.when_all_answered(lambda: future.done() or future.set_result(None), future.cancel):
+            await future
 
     def abort(self) -> None:
         self.aborted += 1
@@ -290,6 +295,31 @@ def test_a_batch_push_admitted_in_the_fast_lane_keeps_the_ticket_contract():
     assert third.calls == ["writable", "written", "lost"]
 
 
+def test_a_batch_push_is_written_only_when_nothing_is_unanswered_ahead_of_it():
+    """The fence's barrier: Faktory handles a connection's commands in order, even after a reset,
+    so a batch command written behind a slow one (a big QUEUE REMOVE, a reply the client does not
+    read) could reach the server long after its lease ended (docs/fence.md)."""
+
+    async def scenario():
+        guard = real_guard()
+        await guard.store.create("b-1")
+        guard.start()
+        harness = greeted(guard)
+        batch = push("j1", ',"custom":{"bid":"b-1"}')
+        harness.from_client(b"QUEUE REMOVE q1 q2\r\n" + batch + b"INFO\r\n")
+        await asyncio.sleep(0.01)
+        assert harness.server == b"QUEUE REMOVE q1 q2\r\n"  # the PUSH, and what follows, wait
+        harness.from_server(b"+OK\r\n")
+        await asyncio.sleep(0.01)
+        assert harness.server == b"QUEUE REMOVE q1 q2\r\n" + batch + b"INFO\r\n"
+        harness.from_server(b"+OK\r\n$2\r\n{}\r\n")
+        assert harness.client == b"+OK\r\n+OK\r\n$2\r\n{}\r\n"
+        assert not harness.pipeline.unanswered()
+        await guard.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_unsolicited_server_error_is_relayed_in_order():
     harness = greeted()
     harness.from_server(b"-ERR too many connections\r\n")
@@ -315,13 +345,14 @@ def test_a_fetch_in_the_fast_lane_shows_a_batch_job_to_the_guard_in_order():
     harness = greeted(rules)
     harness.from_client(b"INFO\r\nFETCH q\r\nFETCH q\r\nINFO\r\n")
     assert rules.decided == [HELLO]  # one Run, nothing decided
-    assert harness.pipeline.waits_on_server()
+    assert harness.pipeline.unanswered()
     member = bulk_reply(b'{"jid":"j","custom":{"bid":"b-1"}}')
     plain = bulk_reply(b'{"jid":"k"}')
     harness.from_server(b"$1\r\ni\r\n" + member + plain)
     assert rules.fetched == [member, plain]  # back on the full path: every FETCH reply seen
-    assert harness.pipeline.waits_on_server() is False
+    assert harness.pipeline.unanswered()  # the last INFO is still owed
     harness.from_server(b"$1\r\nj\r\n")
+    assert harness.pipeline.unanswered() is False
     assert harness.client == b"$1\r\ni\r\n" + member + plain + b"$1\r\nj\r\n"
     assert [verb for verb, _ in harness.done[-4:]] == ["INFO", "FETCH", "FETCH", "INFO"]
 

@@ -27,6 +27,10 @@ class FakeTransport:
         self.name = name
         self.log = log
         self.closed = False
+        self.buffered = 0  # what get_write_buffer_size() reports
+
+    def get_write_buffer_size(self):
+        return self.buffered
 
     def write(self, data):
         self.log.append((self.name, data))
@@ -46,9 +50,11 @@ class FakeTransport:
         return self.closed
 
     def close(self):
+        self.log.append((self.name, "close"))
         self.closed = True
 
     def abort(self):
+        self.log.append((self.name, "abort"))
         self.closed = True
 
 
@@ -66,7 +72,8 @@ async def connected(rules, **limits):
         config.limits, Metrics(), rules, "faktory:7419", dial, opened.append, closed.append
     )
     session = Session(context)
-    session.connection_made(FakeTransport("client", log))
+    session.client_transport = FakeTransport("client", log)
+    session.connection_made(session.client_transport)
     await asyncio.sleep(0)
     assert opened == [session]
     session.upstream_protocol.data_received(b'+HI {"v":2}\r\n')
@@ -97,6 +104,59 @@ def test_client_reads_pause_at_max_pipeline_and_resume_as_replies_drain():
         assert log[-1] == ("client", "pause")
         session.upstream_protocol.data_received(b"+1\r\n")
         assert log[-2:] == [("client", b"+1\r\n"), ("client", "resume")]
+
+    asyncio.run(scenario())
+
+
+def ticketing(ticket):
+    return ScriptedRules({b"PUSH": lambda command: Forward(command.raw, None, ticket)})
+
+
+def test_a_client_that_does_not_read_cannot_keep_an_admitted_commands_reply_unread():
+    """The client's buffer is full, so the upstream's reads are paused; an admitted command is
+    written anyway (nothing is ahead of it): its reply must be read, or its lease lives forever."""
+
+    async def scenario():
+        ticket = FakeTicket()
+        session, log = await connected(ticketing(ticket))
+        session.pause_writing()  # the client's write buffer went over its high-water mark
+        assert log == [("upstream", "pause")]
+        session.data_received(b"PUSH x\r\n")
+        assert log[-2:] == [("upstream", b"PUSH x\r\n"), ("upstream", "resume")]
+        session.upstream_protocol.data_received(b"+OK\r\n")
+        assert ticket.calls[-1] == "answered"
+        assert log[-2:] == [("client", b"+OK\r\n"), ("upstream", "pause")]  # and back to back-pressure
+
+    asyncio.run(scenario())
+
+
+def test_plain_replies_to_a_client_that_does_not_read_wait_upstream():
+    async def scenario():
+        session, log = await connected(ScriptedRules())
+        session.data_received(b"INFO\r\n")
+        session.pause_writing()
+        assert log[-1] == ("upstream", "pause")
+        session.upstream_protocol.data_received(b"+1\r\n")  # a read already under way
+        assert log[-1] == ("client", b"+1\r\n")  # relayed; reads stay paused
+        session.resume_writing()
+        assert log[-1] == ("upstream", "resume")
+
+    asyncio.run(scenario())
+
+
+def test_a_client_whose_backlog_passes_the_bound_is_closed_and_the_upstream_kept_for_the_lease():
+    async def scenario():
+        ticket = FakeTicket()
+        session, log = await connected(ticketing(ticket), **{"limits.max_line_bytes": "1KiB"})
+        session.data_received(b"INFO\r\nPUSH x\r\n")
+        session.pause_writing()  # the INFO is owed, and so is the PUSH: reading goes on
+        session.client_transport.buffered = 2048  # a backlog over max_line_bytes
+        session.upstream_protocol.data_received(b"$3\r\nbig\r\n")
+        assert session.closed and ("client", "close") in log
+        assert ("upstream", "close") not in log and ("upstream", "abort") not in log
+        session.upstream_protocol.data_received(b"+OK\r\n")  # the admitted command is answered
+        assert ticket.calls[-1] == "answered"
+        assert log[-1] == ("upstream", "close")
 
     asyncio.run(scenario())
 
