@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, idempotently:
 # redis-server, haproxy and promtool (Debian), the Faktory OSS server (built with `go install` from
-# the Go module proxy), the npm client used by the tests, and this package with its test extras in .venv.
+# the Go module proxy), the npm client used by the tests, a test-only clock-stepping library (gcc),
+# and this package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -14,13 +15,14 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]} (Debian)"
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     >/dev/null || true
-  for tool in redis-server haproxy promtool; do
+  for tool in redis-server haproxy promtool gcc; do
     command -v "$tool" >/dev/null 2>&1 || { echo "$tool did not install" >&2; exit 1; }
   done
 fi
@@ -36,6 +38,12 @@ fi
 if [ ! -x .tools/bin/violate465 ] || [ tests/clients/go/main.go -nt .tools/bin/violate465 ]; then
   echo "== building the Go client test program"
   (cd tests/clients/go && GOFLAGS=-mod=mod go build -o "$repo/.tools/bin/violate465" .)
+fi
+
+if [ ! -f .tools/lib/clockshift.so ] || [ tests/support/clockshift/clockshift.c -nt .tools/lib/clockshift.so ]; then
+  echo "== building the clock-stepping library for the ledger clock tests"
+  mkdir -p .tools/lib
+  gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o .tools/lib/clockshift.so tests/support/clockshift/clockshift.c
 fi
 
 if [ ! -d tests/clients/node/node_modules/faktory-worker ]; then

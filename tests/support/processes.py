@@ -170,11 +170,24 @@ class FaktoryServer(Process):
             shutil.rmtree(self.config_dir, ignore_errors=True)
 
 
+def clockshift_library() -> str:
+    """The test-only LD_PRELOAD library that steps a process's wall clock (tests/support/clockshift),
+    built by scripts/install-test-deps.sh."""
+    library = REPO / ".tools/lib/clockshift.so"
+    if not library.exists():
+        raise RuntimeError("no clockshift.so: run scripts/install-test-deps.sh")
+    return str(library)
+
+
 class RedisServer(Process):
     """Debian's redis-server on a loopback port; no persistence unless `persistent` (append-only
-    file in its own directory, so a restart keeps the data, as a production Redis would)."""
+    file in its own directory, so a restart keeps the data, as a production Redis would).
 
-    def __init__(self, port: int | None = None, persistent: bool = False):
+    With `steppable_clock`, its wall clock can be stepped while it runs (`step_clock`), as NTP, a
+    `date -s` or a failover to a host with another clock would: everything it reads from the clock
+    (TIME, key expiry) moves; its monotonic clock does not."""
+
+    def __init__(self, port: int | None = None, persistent: bool = False, steppable_clock: bool = False):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-")
         argv = [
@@ -185,7 +198,19 @@ class RedisServer(Process):
             "--appendonly", "yes" if persistent else "no",
             "--dir", self.dir,
         ]  # fmt: skip
-        super().__init__(argv)
+        env = None
+        self._shift_file: str | None = None
+        if steppable_clock:
+            self._shift_file = os.path.join(self.dir, "clockshift")
+            self.step_clock(0.0)
+            env = {**os.environ, "LD_PRELOAD": clockshift_library(), "CLOCKSHIFT_FILE": self._shift_file}
+        super().__init__(argv, env=env)
+
+    def step_clock(self, seconds: float) -> None:
+        """Set this server's wall clock `seconds` away from the real one (a step, not a drift)."""
+        assert self._shift_file is not None, "started without steppable_clock"
+        with open(self._shift_file, "wb") as shift:
+            shift.write(int(seconds * 1e9).to_bytes(8, "little", signed=True))
 
     def start(self) -> RedisServer:
         super().start()

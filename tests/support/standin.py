@@ -11,6 +11,11 @@ keeps an audit, read with the test-only verb `STANDIN REPORT`: per batch, how ma
 batches joined while it was committed, or after one of its callbacks was enqueued.
 
     python -m tests.support.standin --listen 127.0.0.1:PORT --upstream tcp://[:password@]HOST:PORT
+
+Under faults it behaves as Faktory does (faktory-protocol.md, section 11): it handles one command
+of a connection at a time, in order; it reads eagerly, and a reset does not throw away the lines
+that had arrived: they are still handled (their replies go nowhere); and a client that does not
+read its replies blocks the connection, as Faktory's `Write` does.
 """
 
 from __future__ import annotations
@@ -93,6 +98,71 @@ def error(message: str) -> bytes:
     return f"-ERR {message}\r\n".encode()
 
 
+class Inbox(asyncio.Protocol):
+    """The client side of one stand-in connection.
+
+    Everything that arrives is kept until handled, and a reset (or a close) does not discard it:
+    Linux hands queued bytes to read() before it reports a reset, and Faktory reads on, so what
+    reached the server is handled. (An asyncio StreamReader raises on the next read instead, and a
+    test that relied on it would under-report late joins.) Writes wait while the client is not
+    reading, as the server's `Write` blocks; once the client is gone they are dropped."""
+
+    def __init__(self, serve) -> None:
+        self._serve = serve
+        self.buffer = bytearray()
+        self.gone = False
+        self._more = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._serve(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._more.set()
+
+    def eof_received(self) -> bool:
+        self.gone = True
+        self._more.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self._more.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def readline(self) -> bytes:
+        """The next whole line, or b"" once the client is gone and no whole line is left."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[: end + 1])
+                del self.buffer[: end + 1]
+                return line
+            if self.gone:
+                return b""
+            self._more.clear()
+            await self._more.wait()
+
+    async def write(self, data: bytes) -> None:
+        if self.gone or self.transport.is_closing():
+            return
+        self.transport.write(data)
+        await self._writable.wait()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 async def read_reply(reader: asyncio.StreamReader) -> bytes:
     """One RESP reply from the server, exactly as sent: `+...`, `-...`, `$-1` or `$n` and n bytes."""
     line = await reader.readuntil(b"\r\n")
@@ -112,35 +182,52 @@ class Standin:
         self.callback_jobs: dict[str, tuple[str, str]] = {}  # callback jid -> (bid, kind)
         self._own: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._own_lock = asyncio.Lock()
+        # Every connection's task, until it ends: held only by its own objects, a task waiting on
+        # a slow upstream reply could be collected once its client is gone (test-peers.md).
+        self._tasks: set[asyncio.Task] = set()
+        self.busy = 0  # connections in the middle of a command (the report's own excluded)
+
+    def accept(self, client: Inbox) -> None:
+        task = asyncio.get_running_loop().create_task(self.serve(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- one client connection -----------------------------------------------------------------
 
-    async def serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+    async def serve(self, client: Inbox) -> None:
         try:
             up_r, up_w = await asyncio.open_connection(self.host, self.port, limit=MAX_LINE)
         except OSError:
-            client_w.close()
+            client.close()
             return
         try:
             # The handshake is relayed untouched: the password hash is bound to the salt the real
             # server chose for this very connection, so the client must answer the server's HI.
-            client_w.write(await read_reply(up_r))
-            up_w.write(await client_r.readline())
+            await client.write(await read_reply(up_r))
+            up_w.write(await client.readline())
             reply = await read_reply(up_r)
-            client_w.write(reply)
-            # Pipelined lines simply wait in client_r; they are answered one at a time, in order.
-            while reply == OK and (line := await client_r.readline()):
+            await client.write(reply)
+            # Pipelined lines simply wait in the inbox; they are answered one at a time, in order,
+            # also after the client is gone (as Faktory does).
+            while reply == OK and (line := await client.readline()):
                 verb = line.split(maxsplit=1)[0] if line.strip() else b""
                 if verb == b"END":
                     up_w.write(line)
                     break
-                client_w.write(await self.command(verb, line, up_r, up_w))
-                await client_w.drain()
+                if verb == b"STANDIN":
+                    await client.write(await self.command(verb, line, up_r, up_w))
+                    continue
+                self.busy += 1
+                try:
+                    answer = await self.command(verb, line, up_r, up_w)
+                finally:
+                    self.busy -= 1
+                await client.write(answer)
         except (OSError, EOFError, ValueError):  # EOF: IncompleteReadError; ValueError: line too long
             pass
         finally:
             up_w.close()
-            client_w.close()
+            client.close()
 
     async def command(self, verb: bytes, line: bytes, up_r, up_w) -> bytes:
         text = line.rstrip(b"\r\n").decode(errors="replace")
@@ -149,7 +236,8 @@ class Standin:
         if verb == b"STANDIN":
             if text != "STANDIN REPORT":
                 return error("unknown STANDIN subcommand")
-            return bulk(json.dumps({"batches": {bid: b.report() for bid, b in self.batches.items()}}))
+            report = {"batches": {bid: b.report() for bid, b in self.batches.items()}, "busy": self.busy}
+            return bulk(json.dumps(report))
         payload = text.partition(" ")[2]
         joins = self.joining(verb, payload)
         up_w.write(line)
@@ -374,6 +462,12 @@ class StandinProcess(Process):
         with RawClient.connect(self.url) as client:
             return client.json("STANDIN REPORT")["batches"]
 
+    def busy(self) -> int:
+        """Connections in the middle of a command right now (one still handling what a client sent
+        before it left counts too)."""
+        with RawClient.connect(self.url) as client:
+            return client.json("STANDIN REPORT")["busy"]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Faktory Enterprise batch stand-in (test support)")
@@ -384,7 +478,8 @@ def main() -> None:
     standin = Standin(args.upstream)
 
     async def run() -> None:
-        server = await asyncio.start_server(standin.serve, host, int(port), limit=MAX_LINE)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Inbox(standin.accept), host, int(port))
         print(f"standin listening on {args.listen}", flush=True)
         async with server:
             await server.serve_forever()
