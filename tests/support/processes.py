@@ -209,8 +209,13 @@ class RedisServer(Process):
     def step_clock(self, seconds: float) -> None:
         """Set this server's wall clock `seconds` away from the real one (a step, not a drift)."""
         assert self._shift_file is not None, "started without steppable_clock"
-        with open(self._shift_file, "wb") as shift:
-            shift.write(int(seconds * 1e9).to_bytes(8, "little", signed=True))
+        # Rewritten in place, never truncated: the server maps the file, and reading a mapped page
+        # past the end of a truncated file is a SIGBUS.
+        fd = os.open(self._shift_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, int(seconds * 1e9).to_bytes(8, "little", signed=True), 0)
+        finally:
+            os.close(fd)
 
     def start(self) -> RedisServer:
         super().start()
