@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable
 
-from . import policy
+from . import policy, shield
 from .config import Config
 from .decisions import Client, Decision, Forward, Respond
 from .fence import CommitStart, Fence, Ticket, TicketGroup
@@ -74,6 +74,8 @@ class BatchGuard:
 
     def decide(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         verb = command.verb
+        if not command.args and (shielded := shield.judge(command)) is not None:
+            return self._shield(shielded, command, client)
         if verb == b"PUSH":
             return self._push(command, client) if policy.may_name_a_batch(command.args) else None
         if verb == b"FETCH":
@@ -84,12 +86,18 @@ class BatchGuard:
             return self._push_bulk(command, client) if policy.may_name_a_batch(command.args) else None
         if verb in (b"ACK", b"FAIL") and self.holdings.holds_any(self._holder(client)):
             self._finished(command, client)
-        elif verb == b"QUEUE" and not command.args.strip():
-            # Faktory 1.9.4 panics on a bare QUEUE and the whole server goes down with it.
-            return self._malformed(
-                command, client, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
-            )
+        elif verb == b"QUEUE" and (shielded := shield.judge(command)) is not None:
+            return self._shield(shielded, command, client)
         return None
+
+    def _shield(self, shielded: shield.Shielded, command: Command, client: Client) -> Decision:
+        """A line the server would crash on: answered here, in every mode, never forwarded."""
+        self.metrics.shielded.labels(shielded.verb).inc()
+        log.warning(
+            "shielded a line the server would crash on",
+            extra={"verb": shielded.verb, "source": shielded.source, "wid": client.wid, "peer": client.peer},
+        )
+        return Respond(shielded.reply)
 
     # ------------------------------------------------------------------------------------------
     # The fast lane (pipeline.py): chunks and replies that need no decision
