@@ -275,13 +275,13 @@ class BatchGuard:
 
     def _push_bulk(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
-            jobs = policy.decode(command.args)
-            if not isinstance(jobs, list):
-                return None  # the server's own error for a PUSHB that is not a list
-            bids = [policy.job_bid(job) for job in jobs]
-            reserved = [policy.reserved_keys(job) for job in jobs]
+            jobs = policy.read_bulk(command.args)
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
+        if jobs is None:
+            return None  # the server's own error for a PUSHB that is not a list
+        bids = [job.bid for job in jobs]
+        reserved = [job.reserved for job in jobs]
         if not any(bids) and not any(reserved):
             return None
         return self._push_bulk_into(jobs, bids, reserved, command, client)
@@ -325,16 +325,16 @@ class BatchGuard:
         if not any(verdicts) or self.config.mode == SHADOW:
             return Forward(command.raw, None, group)
         refused = {
-            str(job.get("jid", "")): f"{verdict.code} {verdict.message}"
+            job.jid: f"{verdict.code} {verdict.message}"
             for job, verdict in zip(jobs, verdicts, strict=True)
             if verdict is not None
         }
-        kept = [job for job, verdict in zip(jobs, verdicts, strict=True) if verdict is None]
-        if not kept:
+        kept = [verdict is None for verdict in verdicts]
+        if not any(kept):
             if group is not None:
                 group.answered()  # nothing goes to the server: the admissions end here
             return Respond(bulk_reply(json.dumps(refused, separators=(",", ":")).encode()))
-        data = b"PUSHB " + json.dumps(kept, separators=(",", ":")).encode() + b"\r\n"
+        data = policy.bulk_line(command.args, kept)  # the kept jobs, each as the client sent it
         return Forward(data, lambda reply: _merge_refused(reply, refused), group)
 
     # ------------------------------------------------------------------------------------------
