@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Awaitable
 
-from . import policy, shield
+from . import gotext, policy, shield
 from .config import Config
 from .decisions import Client, Decision, Forward, Respond
 from .fence import CommitStart, Fence, Ticket, TicketGroup
@@ -341,10 +341,20 @@ class BatchGuard:
     # BATCH
 
     def _batch(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
-        sub, _, rest = command.args.partition(b" ")
+        word, _, rest = command.args.partition(b" ")
+        # Matched as Faktory matches QUEUE's subcommands (Go's strings.ToUpper): were Enterprise
+        # to do the same for BATCH, `BATCH commit` must not pass unjudged (fail closed).
+        sub = gotext.upper(word)
         if sub == b"NEW":
             return self._batch_new(command, rest, client)
         if sub not in (b"OPEN", b"COMMIT", b"STATUS"):
+            # Not a subcommand the gateway knows: it goes to the server only if it cannot name
+            # a batch the rules would have to judge.
+            if policy.names_a_batch(rest):
+                shown = word[:16].decode("ascii", "replace")
+                return self._malformed(
+                    command, client, f"unknown subcommand {shown!r} with a bid-like argument"
+                )
             return None
         try:
             bid = policy.valid_bid(rest.decode("utf-8", "replace").strip())

@@ -409,6 +409,20 @@ def may_name_a_batch(payload: bytes) -> bool:
     return b'bid"' in payload or b'_cb"' in payload or b"\\u" in payload
 
 
+def names_a_batch(argument: bytes) -> bool:
+    """Whether the argument of a BATCH subcommand the gateway does not know could name a batch
+    (fail closed: such a command is refused, as the gateway cannot judge it).
+
+    Bid-like: a word that is a valid bid (policy.BID: any plain word), `bid` in any letter case
+    (a JSON key `bid` or `parent_bid`, `Bid`, ...), or a JSON escape (`"b\\u0069d"`)."""
+    if b"\\u" in argument or b"bid" in argument.lower():
+        return True
+    return any(BID_BYTES.fullmatch(word) for word in argument.split())
+
+
+BID_BYTES = re.compile(BID.pattern.encode())
+
+
 def refusal_to_add(bid: str, state: str) -> Refusal | None:
     """A job joining batch `bid` (PUSH, each job of PUSHB). Invariants I1 and I2."""
     if state == OPEN:

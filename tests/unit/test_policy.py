@@ -302,3 +302,21 @@ def test_a_pushb_keeps_each_jobs_bytes_for_the_jobs_it_forwards():
         == b'PUSHB [{"jid":"a\xff","custom":{"bid":"b-1"}}]\r\n'
     )
     assert policy.read_bulk(b'{"jid":"x"}') is None  # not a list: the server's own error
+
+
+@pytest.mark.parametrize(
+    "argument, bid_like",
+    [
+        (b"", False),
+        (b"{}", False),
+        (b'{"x":[1,2]}', False),
+        (b"!?", False),
+        (b"b-1", True),
+        (b"anything", True),
+        (b'{"parent_bid":"b-1"}', True),
+        (b'{"Parent_BID":1}', True),
+        (b'{"p\\u0061rent_bid":1}', True),
+    ],
+)
+def test_an_unknown_batch_subcommand_is_bid_like_when_it_could_name_a_batch(argument, bid_like):
+    assert policy.names_a_batch(argument) is bid_like
