@@ -164,7 +164,9 @@ class BatchGuard:
     def _store_failed(self, bid: str, client: Client, exc: StoreError) -> Refusal | None:
         """`on_store_error`: the refusal to give when the store cannot be asked, or None (allow)."""
         log.warning("store unavailable", extra={"bid": bid, "peer": client.peer, "error": str(exc)})
-        return None if self.config.on_store_error == "allow" else policy.refusal_store_down(bid)
+        if self.config.on_store_error == "allow":
+            return None
+        return policy.refusal_store_down(bid, self.config.on_store_error)
 
     def _store_down(self, bid: str, command: Command, client: Client, exc: StoreError) -> Decision:
         refusal = self._store_failed(bid, client, exc)
@@ -182,8 +184,9 @@ class BatchGuard:
 
     def _sealed_refusal(self, bid: str, state: BatchState, nest: bool) -> Refusal:
         if state == UNKNOWN:
-            return policy.refusal_unknown(bid)
-        return policy.refusal_to_nest(bid, state) if nest else policy.refusal_to_add(bid, state)
+            return policy.refusal_unknown(bid, self.config.unknown_batch)
+        mode = self.config.mode
+        return policy.refusal_to_nest(bid, state, mode) if nest else policy.refusal_to_add(bid, state, mode)
 
     # ------------------------------------------------------------------------------------------
     # Admission: the commit fence's entry half

@@ -423,24 +423,34 @@ def names_a_batch(argument: bytes) -> bool:
 BID_BYTES = re.compile(BID.pattern.encode())
 
 
-def refusal_to_add(bid: str, state: str) -> Refusal | None:
+def _in_force(message: str, setting: str, value: object) -> str:
+    """A refusal's message, naming the setting that made it."""
+    return f"{message} ({setting}: {value})"
+
+
+def refusal_to_add(bid: str, state: str, mode: str) -> Refusal | None:
     """A job joining batch `bid` (PUSH, each job of PUSHB). Invariants I1 and I2."""
     if state == OPEN:
         return None
     if state == FIRED:
-        return Refusal("BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; nothing may join it")
+        message = f"batch {bid} has enqueued its callback; nothing may join it"
+        return Refusal("BATCH_CALLBACK_FIRED", _in_force(message, "mode", mode))
     if state == COMMITTING:
-        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; jobs may not join it")
-    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; only a job of the batch may reopen it")
+        message = f"batch {bid} is being committed; jobs may not join it"
+    elif mode == MEMBER_REOPEN:
+        message = f"batch {bid} is committed; only a job of the batch may reopen it"
+    else:
+        message = f"batch {bid} is committed; committed batches are sealed"
+    return Refusal("BATCH_COMMITTED", _in_force(message, "mode", mode))
 
 
-def refusal_to_nest(parent: str, state: str) -> Refusal | None:
+def refusal_to_nest(parent: str, state: str, mode: str) -> Refusal | None:
     """`BATCH NEW` with `parent_bid`: judged exactly like adding to the parent (I3)."""
-    refusal = refusal_to_add(parent, state)
+    refusal = refusal_to_add(parent, state, mode)
     if refusal is None:
         return None
     reason = refusal.message.split("; ")[0].replace(f"batch {parent}", f"parent batch {parent}")
-    return Refusal("PARENT_SEALED", f"{reason}; no child batch may be added to it")
+    return Refusal("PARENT_SEALED", _in_force(f"{reason}; no child batch may be added to it", "mode", mode))
 
 
 def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> Refusal | None:
@@ -449,19 +459,17 @@ def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> 
     if state == OPEN:
         return None
     if state == FIRED:
-        return Refusal(
-            "BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; it may not be reopened"
-        )
+        message = f"batch {bid} has enqueued its callback; it may not be reopened"
+        return Refusal("BATCH_CALLBACK_FIRED", _in_force(message, "mode", mode))
     if state == COMMITTING:
-        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; it may not be reopened now")
-    if mode == MEMBER_REOPEN:
+        message = f"batch {bid} is being committed; it may not be reopened now"
+    elif mode == MEMBER_REOPEN:
         if holds_member_job:
             return None
-        return Refusal(
-            "BATCH_COMMITTED",
-            f"batch {bid} is committed; only a worker holding one of its jobs may reopen it",
-        )
-    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; committed batches are sealed (mode {mode})")
+        message = f"batch {bid} is committed; only a worker holding one of its jobs may reopen it"
+    else:
+        message = f"batch {bid} is committed; committed batches are sealed"
+    return Refusal("BATCH_COMMITTED", _in_force(message, "mode", mode))
 
 
 def status_fired(status: object) -> bool:
@@ -469,22 +477,25 @@ def status_fired(status: object) -> bool:
     return isinstance(status, dict) and bool(status.get("complete_st") or status.get("success_st"))
 
 
-def refusal_unknown(bid: str) -> Refusal:
-    """`unknown_batch: reject` (under `verify`, a batch the server lacks gets the server's reply)."""
-    return Refusal("BATCH_UNKNOWN", f"batch {bid} has no record at the gateway (unknown_batch: reject)")
+def refusal_unknown(bid: str, unknown_batch: str) -> Refusal:
+    """A batch with no record, refused: always under `unknown_batch: reject`; under `verify`
+    when the server's answer to BATCH STATUS could not be read (a batch the server lacks gets
+    the server's own reply instead)."""
+    if unknown_batch == "reject":
+        message = f"batch {bid} has no record at the gateway"
+    else:
+        message = f"batch {bid} has no record at the gateway, and the server's BATCH STATUS could not be read"
+    return Refusal("BATCH_UNKNOWN", _in_force(message, "unknown_batch", unknown_batch))
 
 
-def refusal_store_down(bid: str) -> Refusal:
-    return Refusal(
-        "STATE_UNAVAILABLE", f"the batch store is unavailable; batch {bid} cannot be checked; retry"
-    )
+def refusal_store_down(bid: str, on_store_error: str) -> Refusal:
+    message = f"the batch store is unavailable; batch {bid} cannot be checked; retry"
+    return Refusal("STATE_UNAVAILABLE", _in_force(message, "on_store_error", on_store_error))
 
 
 def refusal_fence_timeout(bid: str, seconds: float) -> Refusal:
-    return Refusal(
-        "COMMIT_FENCE_TIMEOUT",
-        f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit",
-    )
+    message = f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit"
+    return Refusal("COMMIT_FENCE_TIMEOUT", _in_force(message, "commit_fence_timeout", f"{seconds:g}s"))
 
 
 def refusal_lease_lost(bid: str) -> Refusal:

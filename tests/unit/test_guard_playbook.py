@@ -437,3 +437,17 @@ async def test_a_deadline_timer_that_fires_early_looks_again(store, monkeypatch)
     )  # ...read on a later one
     await asyncio.sleep(0.2)
     assert client.aborted == 1
+
+
+async def test_refusals_of_unknown_batches_name_the_setting_in_force():
+    store = MemoryStore(45 * DAY, 7 * DAY)
+    push = "PUSH " + json.dumps({"jid": "j", "jobtype": "x", "args": [], "custom": {"bid": "b-9"}})
+    verify = BatchGuard(store, config(unknown_batch="verify"), Metrics())
+    client = FakeClient()
+    client.statuses["b-9"] = b"-ERR batch subsystem is only available in Faktory Enterprise\r\n"  # unreadable
+    refused = await decide(verify, push, client)
+    assert refused.data.startswith(b"-ERR BATCH_UNKNOWN batch b-9 ")
+    assert refused.data.endswith(b"(unknown_batch: verify)\r\n")
+    reject = BatchGuard(store, config(unknown_batch="reject"), Metrics())
+    refused = await decide(reject, push, FakeClient())
+    assert refused.data.endswith(b"(unknown_batch: reject)\r\n")

@@ -27,22 +27,23 @@ def code(refusal):
     ],
 )
 def test_adding_a_job(state, expected):
-    refusal = policy.refusal_to_add("b-1", state)
+    refusal = policy.refusal_to_add("b-1", state, STRICT)
     assert code(refusal) == expected
     if refusal:
         assert "b-1" in refusal.message
+        assert refusal.message.endswith("(mode: strict)")  # the setting in force
 
 
 @pytest.mark.parametrize("state", [COMMITTING, COMMITTED, FIRED])
 def test_a_child_batch_is_judged_like_a_job_of_its_parent(state):
-    nest = policy.refusal_to_nest("b-parent", state)
-    add = policy.refusal_to_add("b-parent", state)
+    nest = policy.refusal_to_nest("b-parent", state, MEMBER_REOPEN)
+    add = policy.refusal_to_add("b-parent", state, MEMBER_REOPEN)
     assert nest.code == "PARENT_SEALED" and add is not None
-    assert "parent batch b-parent" in nest.message
+    assert "parent batch b-parent" in nest.message and nest.message.endswith("(mode: member-reopen)")
 
 
 def test_a_child_of_an_open_batch_is_fine():
-    assert policy.refusal_to_nest("b-p", OPEN) is None
+    assert policy.refusal_to_nest("b-p", OPEN, STRICT) is None
 
 
 @pytest.mark.parametrize("mode", [STRICT, SHADOW, MEMBER_REOPEN])
@@ -62,7 +63,7 @@ def test_nobody_reopens_a_fired_batch(mode):
 
 
 def test_refusal_reply_is_a_faktory_error_line():
-    reply = policy.refusal_to_add("b-1", COMMITTED).reply()
+    reply = policy.refusal_to_add("b-1", COMMITTED, STRICT).reply()
     assert reply.startswith(b"-ERR BATCH_COMMITTED batch b-1 ") and reply.endswith(b"\r\n")
 
 
@@ -123,6 +124,20 @@ def test_fast_path_never_skips_a_job_that_names_a_batch(bid, extra, ascii_only):
     payload = json.dumps(job, ensure_ascii=ascii_only).encode()
     assert policy.may_name_a_batch(payload)
     assert policy.job_bid(policy.decode(payload)) == bid
+
+
+def test_every_refusal_made_by_a_setting_names_it():
+    """What made the gateway refuse is in the message: the mode, `unknown_batch`,
+    `on_store_error` or `commit_fence_timeout`, with the value in force."""
+    assert policy.refusal_to_open("b-1", COMMITTED, STRICT, False).message.endswith("(mode: strict)")
+    assert policy.refusal_to_open("b-1", COMMITTED, MEMBER_REOPEN, False).message.endswith(
+        "(mode: member-reopen)"
+    )
+    assert policy.refusal_to_add("b-1", COMMITTED, MEMBER_REOPEN).message.endswith("(mode: member-reopen)")
+    for setting in ("verify", "reject"):
+        assert policy.refusal_unknown("b-1", setting).message.endswith(f"(unknown_batch: {setting})")
+    assert policy.refusal_store_down("b-1", "reject").message.endswith("(on_store_error: reject)")
+    assert policy.refusal_fence_timeout("b-1", 2.5).message.endswith("(commit_fence_timeout: 2.5s)")
 
 
 def test_status_fired():
