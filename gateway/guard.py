@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Awaitable
 
-from . import policy
+from . import gotext, policy, shield
 from .config import Config
 from .decisions import Client, Decision, Forward, Respond
 from .fence import ADMIT_MAX_BYTES, CommitStart, Fence, Ticket, TicketGroup
@@ -76,6 +76,8 @@ class BatchGuard:
 
     def decide(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         verb = command.verb
+        if not command.args and (shielded := shield.judge(command)) is not None:
+            return self._shield(shielded, command, client)
         if verb == b"PUSH":
             return self._push(command, client) if policy.may_name_a_batch(command.args) else None
         if verb == b"FETCH":
@@ -86,12 +88,18 @@ class BatchGuard:
             return self._push_bulk(command, client) if policy.may_name_a_batch(command.args) else None
         if verb in (b"ACK", b"FAIL") and self.holdings.holds_any(self._holder(client)):
             self._finished(command, client)
-        elif verb == b"QUEUE" and not command.args.strip():
-            # Faktory 1.9.4 panics on a bare QUEUE and the whole server goes down with it.
-            return self._malformed(
-                command, client, "a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)"
-            )
+        elif verb == b"QUEUE" and (shielded := shield.judge(command)) is not None:
+            return self._shield(shielded, command, client)
         return None
+
+    def _shield(self, shielded: shield.Shielded, command: Command, client: Client) -> Decision:
+        """A line the server would crash on: answered here, in every mode, never forwarded."""
+        self.metrics.shielded.labels(shielded.verb).inc()
+        log.warning(
+            "shielded a line the server would crash on",
+            extra={"verb": shielded.verb, "source": shielded.source, "wid": client.wid, "peer": client.peer},
+        )
+        return Respond(shielded.reply)
 
     # ------------------------------------------------------------------------------------------
     # The fast lane (pipeline.py): chunks and replies that need no decision
@@ -158,7 +166,9 @@ class BatchGuard:
     def _store_failed(self, bid: str, client: Client, exc: StoreError) -> Refusal | None:
         """`on_store_error`: the refusal to give when the store cannot be asked, or None (allow)."""
         log.warning("store unavailable", extra={"bid": bid, "peer": client.peer, "error": str(exc)})
-        return None if self.config.on_store_error == "allow" else policy.refusal_store_down(bid)
+        if self.config.on_store_error == "allow":
+            return None
+        return policy.refusal_store_down(bid, self.config.on_store_error)
 
     def _store_down(self, bid: str, command: Command, client: Client, exc: StoreError) -> Decision:
         refusal = self._store_failed(bid, client, exc)
@@ -176,8 +186,9 @@ class BatchGuard:
 
     def _sealed_refusal(self, bid: str, state: BatchState, nest: bool) -> Refusal:
         if state == UNKNOWN:
-            return policy.refusal_unknown(bid)
-        return policy.refusal_to_nest(bid, state) if nest else policy.refusal_to_add(bid, state)
+            return policy.refusal_unknown(bid, self.config.unknown_batch)
+        mode = self.config.mode
+        return policy.refusal_to_nest(bid, state, mode) if nest else policy.refusal_to_add(bid, state, mode)
 
     # ------------------------------------------------------------------------------------------
     # Admission: the commit fence's entry half
@@ -273,13 +284,13 @@ class BatchGuard:
 
     def _push_bulk(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
         try:
-            jobs = policy.decode(command.args)
-            if not isinstance(jobs, list):
-                return None  # the server's own error for a PUSHB that is not a list
-            bids = [policy.job_bid(job) for job in jobs]
-            reserved = [policy.reserved_keys(job) for job in jobs]
+            jobs = policy.read_bulk(command.args)
         except Malformed as exc:
             return self._malformed(command, client, str(exc))
+        if jobs is None:
+            return None  # the server's own error for a PUSHB that is not a list
+        bids = [job.bid for job in jobs]
+        reserved = [job.reserved for job in jobs]
         if not any(bids) and not any(reserved):
             return None
         return self._push_bulk_into(jobs, bids, reserved, command, client)
@@ -327,26 +338,36 @@ class BatchGuard:
         if not any(verdicts) or self.config.mode == SHADOW:
             return Forward(command.raw, None, group)
         refused = {
-            str(job.get("jid", "")): f"{verdict.code} {verdict.message}"
+            job.jid: f"{verdict.code} {verdict.message}"
             for job, verdict in zip(jobs, verdicts, strict=True)
             if verdict is not None
         }
-        kept = [job for job, verdict in zip(jobs, verdicts, strict=True) if verdict is None]
-        if not kept:
+        kept = [verdict is None for verdict in verdicts]
+        if not any(kept):
             if group is not None:
                 group.answered()  # nothing goes to the server: the admissions end here
             return Respond(bulk_reply(json.dumps(refused, separators=(",", ":")).encode()))
-        data = b"PUSHB " + json.dumps(kept, separators=(",", ":")).encode() + b"\r\n"
+        data = policy.bulk_line(command.args, kept)  # the kept jobs, each as the client sent it
         return Forward(data, lambda reply: _merge_refused(reply, refused), group)
 
     # ------------------------------------------------------------------------------------------
     # BATCH
 
     def _batch(self, command: Command, client: Client) -> Decision | Awaitable[Decision]:
-        sub, _, rest = command.args.partition(b" ")
+        word, _, rest = command.args.partition(b" ")
+        # Matched as Faktory matches QUEUE's subcommands (Go's strings.ToUpper): were Enterprise
+        # to do the same for BATCH, `BATCH commit` must not pass unjudged (fail closed).
+        sub = gotext.upper(word)
         if sub == b"NEW":
             return self._batch_new(command, rest, client)
         if sub not in (b"OPEN", b"COMMIT", b"STATUS"):
+            # Not a subcommand the gateway knows: it goes to the server only if it cannot name
+            # a batch the rules would have to judge.
+            if policy.names_a_batch(rest):
+                shown = word[:16].decode("ascii", "replace")
+                return self._malformed(
+                    command, client, f"unknown subcommand {shown!r} with a bid-like argument"
+                )
             return None
         try:
             bid = policy.valid_bid(rest.decode("utf-8", "replace").strip())

@@ -11,7 +11,7 @@ from bisect import bisect_left
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from . import __version__
+from . import __version__, shield
 
 NAMESPACE = "faktory_gateway"
 
@@ -76,6 +76,14 @@ class Metrics:
             Counter, "upstream_dial_errors", "Failed dials to the Faktory server"
         )
         self.draining = metric(Gauge, "draining", "1 while the gateway drains for shutdown")
+        self.shielded = metric(
+            Counter,
+            "shielded",
+            "Lines the Faktory server would crash on, answered by the gateway instead, by verb",
+            ("verb",),
+        )
+        for verb in sorted(shield.BARE_VERBS):  # every series from zero, so rate() sees the first
+            self.shielded.labels(verb.decode())
         self.protocol_errors = metric(
             Counter, "protocol_errors", "Connections closed for broken protocol, by side", ("side",)
         )

@@ -41,13 +41,23 @@ from .decisions import Client, Decision, Forward, ReplyHandler, Respond, Ticket
 from .metrics import VERB_LABELS, verb_label
 from .policy import Malformed, decode
 from .protocol import COLON, MINUS, PLUS, Command, CommandReader, Reply, frame_end, reply_at
+from .shield import BARE_VERBS
 
 log = logging.getLogger("gateway.session")
 perf_counter = time.perf_counter
 
-# One match per whole line: its verb, exactly as Command.parse splits it (up to the first space,
-# without the line end).
-LINE = re.compile(rb"([^ \n]*?)(?:\r?\n| [^\n]*\n)")
+# One match per whole line, capturing its verb exactly as Command.parse splits it (up to the first
+# space, without the line end), except a line the server crashes on (one of shield.BARE_VERBS
+# alone on its line), whose capture keeps its line end: FULL_PATH holds those, so such a chunk
+# goes through decide(), which answers the line (the shield) instead of forwarding it. The
+# capture is a lookahead, and the match then takes the whole line; verbs followed by a space
+# (most lines) are tried first.
+_BARE = b"|".join(sorted(BARE_VERBS))
+_VERB = rb"[^ \r\n]*(?:\r(?!\n)[^ \r\n]*)*"  # up to a space or the line end; a lone \r is in the verb
+LINE = re.compile(rb"(?=(%s(?= )|(?:%s)\r?\n|%s))[^\n]*\n" % (_VERB, _BARE, _VERB))
+# Verbs (or, for the shield, whole lines) that never take the fast lane: END (the server closes),
+# every QUEUE line and the bare lines the server crashes on (decide() answers them itself).
+FULL_PATH = frozenset((b"END", b"QUEUE", *(verb + end for verb in BARE_VERBS for end in (b"\n", b"\r\n"))))
 
 
 def take(out: list[bytes]) -> bytes:
@@ -221,12 +231,15 @@ class Pipeline:
                 chunk = data if end == len(data) else data[:end]
                 if chunk.find(b"\n") == end - 1:  # one line, the common case: no regex
                     verb = chunk.partition(b" ")[0]
-                    if verb[-1:] == b"\n":  # no space: the verb is the line without its end
-                        verb = verb[:-2] if verb[-2:] == b"\r\n" else verb[:-1]
+                    if verb[-1:] == b"\n":  # no space: the verb is the line without its end,
+                        bare = verb[:-2] if verb[-2:] == b"\r\n" else verb[:-1]
+                        if bare not in BARE_VERBS:  # unless the server crashes on it (LINE's rule)
+                            verb = bare
                     verbs = [verb]
                 else:
                     verbs = LINE.findall(chunk)
-                if b"END" not in verbs and self.guard.unchecked(verbs, chunk, self.client):
+                # FULL_PATH holds the bare lines kept whole above; admitted_push takes only a PUSH with a payload.
+                if FULL_PATH.isdisjoint(verbs) and self.guard.unchecked(verbs, chunk, self.client):
                     if end < len(data):
                         self.commands.feed(data[end:])  # no line end in it: only held (or too long)
                     run = Run(verbs, now)

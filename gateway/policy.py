@@ -10,7 +10,9 @@ import enum
 import json
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from .gotext import fold_key
 from .protocol import error_reply
 from .store import COMMITTING, FIRED, OPEN
 
@@ -43,9 +45,19 @@ class Refusal:
 
 def valid_bid(bid: object) -> str:
     if not isinstance(bid, str) or not BID.fullmatch(bid):
-        shown = repr(bid)[:40] if isinstance(bid, str) else type(bid).__name__
+        shown = repr(bid)[:40] if isinstance(bid, str) else _json_type(bid)
         raise Malformed(f"invalid batch id {shown}: expected 1-128 letters, digits, '_', '-', '.', ':'")
     return bid
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, dict | tuple):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, _Deep):
+        return "a value nested too deep"
+    return "null" if value is None else type(value).__name__
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -66,15 +78,9 @@ def decode(payload: bytes) -> object:
         raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
 
 
-def _go_fold(key: str) -> str:
-    # Go's encoding/json matches struct fields with Unicode case folding: besides ASCII case,
-    # the long s (U+017F) folds to "s" and the Kelvin sign to "k" (which str.lower() already does).
-    return key.lower().replace("\u017f", "s")
-
-
 def field(obj: dict, name: str) -> object:
     """A struct field as Go's encoding/json finds it: the key matched case-insensitively."""
-    matches = [key for key in obj if _go_fold(key) == name]
+    matches = [key for key in obj if fold_key(key) == name]
     if len(matches) > 1:
         raise Malformed(f"ambiguous keys {', '.join(sorted(matches))}")
     return obj[matches[0]] if matches else None
@@ -122,8 +128,9 @@ def read_push(payload: bytes) -> tuple[str | None, list[str]]:
 
     The common batch PUSH names `custom` once and `bid` once and has nothing Go would fold: then
     no key that matters can be duplicated or ambiguous, and the plain C decoder reads what the
-    server reads (duplicates of other keys do not change the decision). Anything else goes
-    through the strict decoder, which refuses duplicate and ambiguous keys everywhere.
+    server reads (duplicates of other keys do not change the decision). Anything else, and what
+    the plain decoder cannot read although Go can (bytes that are not UTF-8, nesting past
+    Python's recursion limit), goes through `_read_document`, which keeps repeated keys.
     """
     if (
         payload.count(b'"bid"') <= 1
@@ -132,12 +139,252 @@ def read_push(payload: bytes) -> tuple[str | None, list[str]]:
     ):
         try:
             job = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
+        except (UnicodeDecodeError, RecursionError):
+            pass  # Go reads it: so does _read_document
+        except ValueError as exc:
             raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
-    else:
-        job = decode(payload)
-    custom = _custom(job)
-    return _bid_in(custom), _reserved_in(custom)
+        else:
+            custom = _custom(job)
+            return _bid_in(custom), _reserved_in(custom)
+    job = _read_document(_text(payload))
+    if type(job) is not tuple:
+        return None, []  # not an object: the server refuses it, and nothing joins a batch
+    reading = _read_job(job)
+    return reading.bid, reading.reserved
+
+
+class BulkJob(NamedTuple):
+    """One job of a PUSHB as the server reads it: the batch it joins, the reserved keys it
+    carries, and its jid (for the reply's jid-to-error map)."""
+
+    bid: str | None
+    reserved: list[str]
+    jid: str
+
+
+def read_bulk(payload: bytes) -> list[BulkJob] | None:
+    """A PUSHB's jobs, as the server would read them; None when the payload is JSON but not a
+    list (the server answers that itself). Raises Malformed."""
+    text = _text(payload)
+    try:
+        jobs = _PAIRS.decode(text)
+    except RecursionError:
+        elements = _elements(text)
+        jobs = None if elements is None else [job for job, _, _ in elements]
+    except ValueError as exc:
+        raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
+    if type(jobs) is not list:
+        return None
+    readings = []
+    for job in jobs:
+        if type(job) is tuple:
+            reading = _read_job(job)
+            readings.append(BulkJob(*reading))
+        else:  # not an object: Go's decoder fails the whole PUSHB, and it names no batch
+            readings.append(BulkJob(None, _NONE, ""))
+    return readings
+
+
+def bulk_line(payload: bytes, keep: list[bool]) -> bytes:
+    """The PUSHB line of the jobs of `payload` (a list read by read_bulk) that `keep` marks,
+    each as the client's own bytes."""
+    text = _text(payload)
+    kept = [text[start:end] for (_, start, end), wanted in zip(_elements(text), keep, strict=True) if wanted]
+    return b"PUSHB [" + ",".join(kept).encode("utf-8", "surrogateescape") + b"]\r\n"
+
+
+# --- Reading a job the way the Go server does -----------------------------------------------------
+#
+# What the batch rules read of a job is small: the top-level keys that Go folds to `custom`, and
+# in that object the keys `bid`, `_bid`, `_pbid`, `_cb` (map keys: exact). A batch key cannot
+# hide anywhere else: `custom` is the only map in Faktory's Job struct. So objects are decoded as
+# lists of (key, value) pairs, repeated keys kept, and where a document is nested too deep for
+# Python's decoder (Go accepts 10,000 levels), only the job's object and its `custom` are walked:
+# every other deep value is skipped (`_DEEP`), not built.
+#
+# Bytes that are not UTF-8 are kept as lone surrogates (surrogateescape): like Go's U+FFFD they
+# match no key the rules read and no valid bid, and a job's own bytes can be re-encoded exactly.
+# Python's JSON grammar is Go's plus NaN and Infinity, so what Python refuses, Go refuses too.
+#
+# Ambiguity is refused only where it could change a decision:
+# - more than one top-level key folding to `custom`: Go merges their objects into one map (a
+#   `null` empties it), so a batch key in any of them is refused; with none, no merge makes one;
+# - a key the rules read repeated inside `custom` (Go keeps the last; refused all the same: a
+#   batch job spelt two ways is not a job a client means to send).
+
+
+# A JSON object is read as a tuple of its (key, value) pairs, in order, repeated keys kept (a JSON
+# array is a list, never a tuple). A tuple, because the C decoder builds one ten times faster
+# than an instance of a class of ours.
+_Object = tuple[tuple[str, object], ...]
+
+
+class _Deep:
+    """A value nested too deep for Python's decoder, skipped: the rules never read inside one."""
+
+
+_DEEP = _Deep()
+_RULE_KEYS = frozenset(("bid", *RESERVED_KEYS))
+_NONE: list[str] = []  # no reserved keys (shared: never mutated)
+_SPACE = " \t\n\r"
+_SPACES = re.compile(r"[ \t\n\r]*")
+# One structural token of a skipped value: a whole string (its brackets do not count), an
+# opener, a closer.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[{])|([\]}])')
+_PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
+_scan_string = json.decoder.scanstring  # C: one JSON string after its quote -> (text, end)
+
+
+class _JobReading(NamedTuple):  # a tuple: a frozen dataclass costs a microsecond per job
+    bid: str | None
+    reserved: list[str]
+    jid: str
+
+
+def _text(payload: bytes) -> str:
+    return payload.decode("utf-8", "surrogateescape")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    if pos < len(text) and text[pos] in _SPACE:  # compact JSON, the common case, needs no regex
+        return _SPACES.match(text, pos).end()
+    return pos
+
+
+def _end_of_document(text: str, end: int) -> None:
+    if _skip_space(text, end) != len(text):
+        raise Malformed("invalid JSON: extra data after the value")
+
+
+def _read_document(text: str) -> object:
+    """The whole payload, objects as tuples of pairs; the top level walked if it is too deep."""
+    try:
+        return _PAIRS.decode(text)
+    except RecursionError:
+        start = _skip_space(text, 0)
+        value, end = _read_value(text, start, walk=True)
+        _end_of_document(text, end)
+        return value
+    except ValueError as exc:
+        raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
+
+
+def _elements(text: str) -> list[tuple[object, int, int]] | None:
+    """A list's elements with their offsets, each job (an object) walked if too deep; None when
+    the document is not a list."""
+    start = _skip_space(text, 0)
+    if not text.startswith("[", start):
+        _read_document(text)  # Malformed if it is not JSON
+        return None
+    elements: list[tuple[object, int, int]] = []
+    pos = _skip_space(text, start + 1)
+    if text.startswith("]", pos):
+        _end_of_document(text, pos + 1)
+        return elements
+    while True:
+        value, end = _read_value(text, pos, walk=True)
+        elements.append((value, pos, end))
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("]", pos):
+            _end_of_document(text, pos + 1)
+            return elements
+        else:
+            raise Malformed("invalid JSON: expected ',' or ']' in a list")
+
+
+def _read_value(text: str, pos: int, walk: bool) -> tuple[object, int]:
+    """The value at `pos` and its end. Too deep to decode: an object is walked member by member
+    if `walk` (a job, its custom), anything else is skipped."""
+    try:
+        return _PAIRS.scan_once(text, pos)
+    except StopIteration:
+        raise Malformed("invalid JSON: expected a value") from None
+    except RecursionError:
+        if walk and text.startswith("{", pos):
+            return _walk_object(text, pos)
+        return _DEEP, _skip_nested(text, pos)
+
+
+def _walk_object(text: str, start: int) -> tuple[_Object, int]:
+    """The object at text[start] (a `{`), its members decoded one by one; a member that folds to
+    `custom` is walked too, every other deep member is skipped."""
+    members: list[tuple[str, object]] = []
+    pos = _skip_space(text, start + 1)
+    if text.startswith("}", pos):
+        return (), pos + 1
+    while True:
+        if not text.startswith('"', pos):
+            raise Malformed("invalid JSON: expected a key")
+        try:
+            key, key_end = _scan_string(text, pos + 1)
+        except ValueError:
+            raise Malformed("invalid JSON: a key is not a string") from None
+        pos = _skip_space(text, key_end)
+        if not text.startswith(":", pos):
+            raise Malformed("invalid JSON: expected ':' after a key")
+        value, end = _read_value(text, _skip_space(text, pos + 1), walk=_is_custom(key))
+        members.append((key, value))
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("}", pos):
+            return tuple(members), pos + 1
+        else:
+            raise Malformed("invalid JSON: expected ',' or '}' in an object")
+
+
+def _skip_nested(text: str, pos: int) -> int:
+    """The end of the array or object at `pos`, found by counting brackets outside strings.
+
+    Its inside is not checked: if it is not JSON, Go refuses the whole payload, and then nothing
+    the gateway reads of it can let a job into a batch."""
+    depth = 0
+    for token in _STRUCTURE.finditer(text, pos):
+        opener = token.lastindex
+        if opener == 1:
+            depth += 1
+        elif opener == 2:
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    raise Malformed("invalid JSON: an array or object is not closed")
+
+
+def _is_custom(key: str) -> bool:
+    return len(key) == 6 and fold_key(key) == "custom"  # with a long s (U+017F) too: six characters
+
+
+def _read_job(job: _Object) -> _JobReading:
+    customs: list[tuple[str, object]] = []
+    jid = ""
+    for key, value in job:
+        size = len(key)
+        if size == 6:  # "custom", and spelt with a long s (U+017F) too
+            if fold_key(key) == "custom":
+                customs.append((key, value))
+        elif size == 3 and isinstance(value, str) and key.lower() == "jid":
+            jid = value  # Go keeps the last of repeated keys for a string field
+    found: list[tuple[str, object]] = []  # the members of `custom` the rules read
+    for _, custom in customs:
+        if type(custom) is tuple:  # anything else: null (no map), or the server refuses the job
+            found += [member for member in custom if member[0] in _RULE_KEYS]
+    if not found:
+        return _JobReading(None, _NONE, jid)
+    if len(customs) > 1:
+        raise Malformed(f"ambiguous keys {', '.join(sorted(key for key, _ in customs))} name a batch")
+    keys = [key for key, _ in found]
+    if len(found) > 1 and len(set(keys)) != len(keys):
+        raise Malformed("duplicate keys in custom")
+    bid = None
+    reserved = _NONE
+    for key, value in found:
+        if key != "bid":
+            reserved = [key for key in RESERVED_KEYS if key in keys]
+        elif value is not None and value != "":
+            bid = valid_bid(value)  # an object, an array or a _Deep is no bid either
+    return _JobReading(bid, reserved, jid)
 
 
 JID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: it only names a set member
@@ -164,24 +411,48 @@ def may_name_a_batch(payload: bytes) -> bool:
     return b'bid"' in payload or b'_cb"' in payload or b"\\u" in payload
 
 
-def refusal_to_add(bid: str, state: str) -> Refusal | None:
+def names_a_batch(argument: bytes) -> bool:
+    """Whether the argument of a BATCH subcommand the gateway does not know could name a batch
+    (fail closed: such a command is refused, as the gateway cannot judge it).
+
+    Bid-like: a word that is a valid bid (policy.BID: any plain word), `bid` in any letter case
+    (a JSON key `bid` or `parent_bid`, `Bid`, ...), or a JSON escape (`"b\\u0069d"`)."""
+    if b"\\u" in argument or b"bid" in argument.lower():
+        return True
+    return any(BID_BYTES.fullmatch(word) for word in argument.split())
+
+
+BID_BYTES = re.compile(BID.pattern.encode())
+
+
+def _in_force(message: str, setting: str, value: object) -> str:
+    """A refusal's message, naming the setting that made it."""
+    return f"{message} ({setting}: {value})"
+
+
+def refusal_to_add(bid: str, state: str, mode: str) -> Refusal | None:
     """A job joining batch `bid` (PUSH, each job of PUSHB). Invariants I1 and I2."""
     if state == OPEN:
         return None
     if state == FIRED:
-        return Refusal("BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; nothing may join it")
+        message = f"batch {bid} has enqueued its callback; nothing may join it"
+        return Refusal("BATCH_CALLBACK_FIRED", _in_force(message, "mode", mode))
     if state == COMMITTING:
-        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; jobs may not join it")
-    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; only a job of the batch may reopen it")
+        message = f"batch {bid} is being committed; jobs may not join it"
+    elif mode == MEMBER_REOPEN:
+        message = f"batch {bid} is committed; only a job of the batch may reopen it"
+    else:
+        message = f"batch {bid} is committed; committed batches are sealed"
+    return Refusal("BATCH_COMMITTED", _in_force(message, "mode", mode))
 
 
-def refusal_to_nest(parent: str, state: str) -> Refusal | None:
+def refusal_to_nest(parent: str, state: str, mode: str) -> Refusal | None:
     """`BATCH NEW` with `parent_bid`: judged exactly like adding to the parent (I3)."""
-    refusal = refusal_to_add(parent, state)
+    refusal = refusal_to_add(parent, state, mode)
     if refusal is None:
         return None
     reason = refusal.message.split("; ")[0].replace(f"batch {parent}", f"parent batch {parent}")
-    return Refusal("PARENT_SEALED", f"{reason}; no child batch may be added to it")
+    return Refusal("PARENT_SEALED", _in_force(f"{reason}; no child batch may be added to it", "mode", mode))
 
 
 def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> Refusal | None:
@@ -190,19 +461,17 @@ def refusal_to_open(bid: str, state: str, mode: str, holds_member_job: bool) -> 
     if state == OPEN:
         return None
     if state == FIRED:
-        return Refusal(
-            "BATCH_CALLBACK_FIRED", f"batch {bid} has enqueued its callback; it may not be reopened"
-        )
+        message = f"batch {bid} has enqueued its callback; it may not be reopened"
+        return Refusal("BATCH_CALLBACK_FIRED", _in_force(message, "mode", mode))
     if state == COMMITTING:
-        return Refusal("BATCH_COMMITTED", f"batch {bid} is being committed; it may not be reopened now")
-    if mode == MEMBER_REOPEN:
+        message = f"batch {bid} is being committed; it may not be reopened now"
+    elif mode == MEMBER_REOPEN:
         if holds_member_job:
             return None
-        return Refusal(
-            "BATCH_COMMITTED",
-            f"batch {bid} is committed; only a worker holding one of its jobs may reopen it",
-        )
-    return Refusal("BATCH_COMMITTED", f"batch {bid} is committed; committed batches are sealed (mode {mode})")
+        message = f"batch {bid} is committed; only a worker holding one of its jobs may reopen it"
+    else:
+        message = f"batch {bid} is committed; committed batches are sealed"
+    return Refusal("BATCH_COMMITTED", _in_force(message, "mode", mode))
 
 
 def status_fired(status: object) -> bool:
@@ -210,22 +479,25 @@ def status_fired(status: object) -> bool:
     return isinstance(status, dict) and bool(status.get("complete_st") or status.get("success_st"))
 
 
-def refusal_unknown(bid: str) -> Refusal:
-    """`unknown_batch: reject` (under `verify`, a batch the server lacks gets the server's reply)."""
-    return Refusal("BATCH_UNKNOWN", f"batch {bid} has no record at the gateway (unknown_batch: reject)")
+def refusal_unknown(bid: str, unknown_batch: str) -> Refusal:
+    """A batch with no record, refused: always under `unknown_batch: reject`; under `verify`
+    when the server's answer to BATCH STATUS could not be read (a batch the server lacks gets
+    the server's own reply instead)."""
+    if unknown_batch == "reject":
+        message = f"batch {bid} has no record at the gateway"
+    else:
+        message = f"batch {bid} has no record at the gateway, and the server's BATCH STATUS could not be read"
+    return Refusal("BATCH_UNKNOWN", _in_force(message, "unknown_batch", unknown_batch))
 
 
-def refusal_store_down(bid: str) -> Refusal:
-    return Refusal(
-        "STATE_UNAVAILABLE", f"the batch store is unavailable; batch {bid} cannot be checked; retry"
-    )
+def refusal_store_down(bid: str, on_store_error: str) -> Refusal:
+    message = f"the batch store is unavailable; batch {bid} cannot be checked; retry"
+    return Refusal("STATE_UNAVAILABLE", _in_force(message, "on_store_error", on_store_error))
 
 
 def refusal_fence_timeout(bid: str, seconds: float) -> Refusal:
-    return Refusal(
-        "COMMIT_FENCE_TIMEOUT",
-        f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit",
-    )
+    message = f"pushes into batch {bid} were still in flight after {seconds:g}s; the batch stays open, retry the commit"
+    return Refusal("COMMIT_FENCE_TIMEOUT", _in_force(message, "commit_fence_timeout", f"{seconds:g}s"))
 
 
 def refusal_lease_lost(bid: str) -> Refusal:

@@ -423,9 +423,11 @@ REGRESSIONS = {
     "number bid": (lambda b: job_line('"custom":{"bid":7}'), "MALFORMED"),
     "float bid": (lambda b: job_line('"custom":{"bid":1e3}'), "MALFORMED"),
     "list bid": (lambda b: job_line('"custom":{"bid":["%s"]}' % b), "MALFORMED"),
+    # Go reads bytes that are not UTF-8 (as U+FFFD) and 10,000 levels of nesting: such a job is
+    # judged like any other, not refused blind (issue 18).
     "invalid UTF-8 in the job": (
         lambda b: job_line('"custom":{"bid":"%s"},"note":"\xff"' % b).replace(b"\xc3\xbf", b"\xff"),
-        "MALFORMED",
+        "BATCH_COMMITTED",
     ),
     "invalid UTF-8 in the bid": (
         lambda b: job_line('"custom":{"bid":"%s\xff"}' % b).replace(b"\xc3\xbf", b"\xff"),
@@ -438,7 +440,11 @@ REGRESSIONS = {
     ),
     "deep nesting in the job": (
         lambda b: job_line('"custom":{"bid":"%s"},"x":%s' % (b, deep_array(DEEP).decode())),
-        "MALFORMED",
+        "BATCH_COMMITTED",
+    ),
+    "deep nesting in its custom": (
+        lambda b: job_line('"custom":{"x":%s,"bid":"%s"}' % (deep_array(5000).decode(), b)),
+        "BATCH_COMMITTED",
     ),
     "Parent_Bid": (
         lambda b: b'BATCH NEW {"Parent_Bid":"%s","success":{"jobtype":"x"}}' % b.encode(),
@@ -461,6 +467,15 @@ REGRESSIONS = {
         lambda b: b'BATCH NEW {"parent_bid":"%s","x":%s}' % (b.encode(), deep_array(DEEP)),
         "MALFORMED",
     ),
+    # BATCH subcommands as Go upper-cases QUEUE's (issue 18): the rules apply to every spelling.
+    "BATCH open": (lambda b: b"BATCH open %s" % b.encode(), "BATCH_COMMITTED"),
+    "BATCH oPeN": (lambda b: b"BATCH oPeN %s" % b.encode(), "BATCH_COMMITTED"),
+    "BATCH new with its parent": (
+        lambda b: b'BATCH new {"parent_bid":"%s","success":{"jobtype":"x"}}' % b.encode(),
+        "PARENT_SEALED",
+    ),
+    "an unknown BATCH subcommand naming the bid": (lambda b: b"BATCH REOPEN %s" % b.encode(), "MALFORMED"),
+    "BATCH  OPEN (two spaces)": (lambda b: b"BATCH  OPEN %s" % b.encode(), "MALFORMED"),
     "BATCH OPEN with a space": (lambda b: b"BATCH OPEN %s x" % b.encode(), "MALFORMED"),
     "BATCH OPEN twice the bid": (lambda b: b"BATCH OPEN %s\tb-2" % b.encode(), "MALFORMED"),
 }

@@ -305,9 +305,69 @@ def test_node_client_pipelines_through_the_gateway(gateway):
     assert outcome["library"] == ["library"]
 
 
-def test_a_bare_queue_which_crashes_faktory_1_9_4_is_refused(faktory, gateway):
-    with RawClient.connect(gateway.url) as client:
-        assert client.call("QUEUE").startswith(b"-ERR MALFORMED QUEUE: a subcommand is required")
-        assert client.call("QUEUE PAUSE x") == b"+OK\r\n"
-    with RawClient.connect(faktory.url) as client:  # the server is still up
-        assert client.call("QUEUE RESUME x") == b"+OK\r\n"
+# --- jobs outside batches: the server's reply, whatever the bytes (issue 18) --------------------
+
+
+def pushed_and_fetched(lines: list[bytes], queue: str) -> list[bytes]:
+    """A script: each line, then a FETCH of what it pushed (the server's reading of the job)."""
+    script = []
+    for line in lines:
+        script += [line, b"FETCH " + queue.encode()]
+    return script
+
+
+def test_jobs_from_gos_encoder_pass_unchanged(faktory, gateway, jobjson):
+    """Go's json.Marshal, which the Go client uses, escapes <, > and & as \\u003c...: the job
+    bytes hold `\\u`, which sends them through the gateway's reading."""
+    lines = subprocess.run([str(jobjson), "encode"], capture_output=True, check=True).stdout.splitlines()
+    assert any(b"\\u003c" in line for line in lines) and any(line.startswith(b"PUSHB ") for line in lines)
+    fetches = sum(
+        len(json.loads(line.partition(b" ")[2])) if line.startswith(b"PUSHB") else 1 for line in lines
+    )
+    script = [*lines, *[b"FETCH go-encoded"] * fetches]
+    direct, through = differential(faktory, gateway, lambda: script)
+    assert through == direct
+    assert direct[: len(lines)] == [b"+OK\r\n"] * (len(lines) - 1) + [b"$2\r\n{}\r\n"]
+    assert all(reply.startswith(b"$") and b"go-enc-" in reply for reply in direct[len(lines) :])
+
+
+def test_jobs_from_pythons_encoder_pass_unchanged(faktory, gateway):
+    """json.dumps escapes every non-ASCII character by default (ensure_ascii)."""
+    texts = ["caf\u00e9 na\u00efve \u2713 \u65e5\u672c\u8a9e \U0001f680", "<script>x & y</script>", "\u2028"]
+
+    def script():
+        jobs = [
+            job(f"py-enc-{i:04d}", queue="py-encoded", args=[text], custom={"note": text, "k": {"\u00e9": 1}})
+            for i, text in enumerate(texts)
+        ]
+        return pushed_and_fetched([("PUSH " + json.dumps(j)).encode() for j in jobs], "py-encoded")
+
+    direct, through = differential(faktory, gateway, script)
+    assert through == direct
+    assert direct[0::2] == [b"+OK\r\n"] * len(texts)
+    assert b"\\u00e9" in script()[0] and b'"note":"caf\xc3\xa9' in direct[1]
+
+
+DEEP = b"[" * 5000 + b"]" * 5000  # Go decodes 10,000 levels, Python's decoder about 1,000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'"args":[{"a":1,"a":2}],"custom":{"x":"\\u003c"}',  # a duplicate key, and an escape
+        b'"args":["\xff\xfe\xe2\x82 \\u00e9"]',  # bytes that are not UTF-8: Go reads U+FFFD
+        b'"args":' + DEEP + b',"custom":{"bid":""}',  # deeper than Python's decoder goes
+        b'"args":[],"custom":{"x":' + DEEP + b',"y":"\\u0041"}',
+        b'"args":[],"custom":{"a":1},"Custom":{"b":"\\u0062"}',  # Go merges both: still no batch
+        b'"args":[],"custom":{"a":1},"CUSTOM":null,"x":"\xc3\\u0041"',
+    ],
+    ids=["duplicate-key", "invalid-utf8", "deep-args", "deep-custom", "custom-and-Custom", "custom-null"],
+)
+def test_jobs_the_server_accepts_pass_unchanged(faktory, gateway, body):
+    line = b'PUSH {"jid":"accepted-%s","jobtype":"x","queue":"accepted",%s}' % (
+        uuid.uuid4().hex[:8].encode(),
+        body,
+    )
+    direct, through = differential(faktory, gateway, lambda: [line, b"FETCH accepted"])
+    assert through == direct
+    assert direct[0] == b"+OK\r\n" and direct[1].startswith(b"$")

@@ -39,6 +39,7 @@ ALERTS = {
     "FaktoryGatewayShadowRefusals",
     "FaktoryGatewayCommitFenceTimeouts",
     "FaktoryGatewayBatchLeaseLost",
+    "FaktoryGatewayShieldedLines",
     "FaktoryGatewayStoreUnavailable",
     "FaktoryGatewayUpstreamUnreachable",
     "FaktoryGatewayConnectionLimitNear",

@@ -364,18 +364,30 @@ async def test_a_forged_callback_job_does_not_mark_a_batch_fired(guard, store):
     assert await store.state("b-1") == FIRED
 
 
-async def test_deep_json_gets_the_servers_answer_not_a_closed_connection(store):
+async def test_deep_json_is_judged_as_the_server_reads_it(store):
+    """Go decodes 10,000 levels, Python's decoder about 1,000: a job nested deeper than Python can
+    go is still read where a batch key can be (its custom), and judged, never refused blind."""
     guard = BatchGuard(store, config(mode="member-reopen"), Metrics())
     client = FakeClient(wid="w1")
-    deep = "[" * 100_000 + "]" * 100_000
+    deep = "[" * 5000 + "]" * 5000
     member = json.dumps({"jid": "j1", "jobtype": "x", "args": [], "custom": {"bid": "b-1"}}).encode()
     await store.create("b-1")
     await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(member)))
     assert guard.decide(Command.parse(f"ACK {deep}\r\n".encode()), client) is None  # forwarded
     assert guard.decide(Command.parse(f"PUSH {deep}\r\n".encode()), client) is None  # names no batch
-    naming = '{"jid":"d","custom":{"bid":"b-1"},"args":' + deep + "}"
+    naming = '{"jid":"d","args":' + deep + ',"custom":{"x":' + deep + ',"bid":"b-1"}}'
+    admitted = await decide(guard, f"PUSH {naming}", client)
+    assert isinstance(admitted, Forward) and admitted.ticket is not None  # b-1 is open
+    await answer(admitted)
+    await committed(guard, store, "b-1", client)
     refused = await decide(guard, f"PUSH {naming}", client)
-    assert refused.data.startswith(b"-ERR MALFORMED")
+    assert refused.data.startswith(b"-ERR BATCH_COMMITTED batch b-1 ")
+    bulk = "PUSHB [" + naming + ',{"jid":"e","args":' + deep + "}]"
+    refused = await decide(guard, bulk, client)
+    assert (
+        isinstance(refused, Forward)
+        and refused.data == ('PUSHB [{"jid":"e","args":' + deep + "}]\r\n").encode()
+    )
     fetched = await answer(await decide(guard, "FETCH default", client), reply_of(bulk_reply(deep.encode())))
     assert fetched.startswith(b"$")
 
@@ -422,3 +434,17 @@ async def test_a_deadline_timer_that_fires_early_looks_again(store):
     behind = 0.02  # ...and read on one that lags it
     await asyncio.sleep(SHORT.valid_for + 0.1)
     assert client.aborted == 1
+
+
+async def test_refusals_of_unknown_batches_name_the_setting_in_force():
+    store = MemoryStore(45 * DAY, 7 * DAY)
+    push = "PUSH " + json.dumps({"jid": "j", "jobtype": "x", "args": [], "custom": {"bid": "b-9"}})
+    verify = BatchGuard(store, config(unknown_batch="verify"), Metrics())
+    client = FakeClient()
+    client.statuses["b-9"] = b"-ERR batch subsystem is only available in Faktory Enterprise\r\n"  # unreadable
+    refused = await decide(verify, push, client)
+    assert refused.data.startswith(b"-ERR BATCH_UNKNOWN batch b-9 ")
+    assert refused.data.endswith(b"(unknown_batch: verify)\r\n")
+    reject = BatchGuard(store, config(unknown_batch="reject"), Metrics())
+    refused = await decide(reject, push, FakeClient())
+    assert refused.data.endswith(b"(unknown_batch: reject)\r\n")

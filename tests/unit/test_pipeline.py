@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import shield
 from gateway.config import build
 from gateway.decisions import Forward, Respond
 from gateway.guard import BatchGuard
@@ -162,13 +163,41 @@ def test_a_refusal_between_forwarded_commands_keeps_its_place():
     harness.from_client(push("a") + b"QUEUE\r\n" + push("b"))
     assert harness.server == push("a") + push("b")  # the bare QUEUE never reaches the server
     harness.from_server(b"+OK\r\n")
-    assert (
-        harness.client
-        == b"+OK\r\n" + b"-ERR MALFORMED QUEUE: a subcommand is required (PAUSE, RESUME, REMOVE, LATENCY)\r\n"
-    )
+    shielded = shield.judge(Command.parse(b"QUEUE\r\n")).reply
+    assert harness.client == b"+OK\r\n" + shielded
     harness.from_server(b"+OK\r\n")
-    assert harness.client.endswith(b"LATENCY)\r\n+OK\r\n")
+    assert harness.client == b"+OK\r\n" + shielded + b"+OK\r\n"
     assert [result for _, result in harness.done[-3:]] == ["ok", "refused", "ok"]
+
+
+BARE_CRASHERS = [
+    verb + end for verb in (b"PUSH", b"PUSHB", b"ACK", b"FAIL", b"BEAT", b"QUEUE") for end in (b"\n", b"\r\n")
+]
+
+
+@pytest.mark.parametrize("line", [*BARE_CRASHERS, b"QUEUE pause\r\n", b"QUEUE REMOVE\n"])
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "pipelined"])
+def test_a_line_the_server_crashes_on_never_reaches_it_in_either_lane(line, alone):
+    """One line a chunk (the fast lane's no-regex case) or in the middle of a pipelined chunk:
+    the gateway answers it in its place, and the commands around it go through unchanged."""
+    harness = greeted()
+    before, after = (b"", b"") if alone else (push("a") + b"INFO\r\n", b"FETCH q\r\n")
+    harness.from_client(before + line + after)
+    assert harness.server == before + after
+    replies = b"" if alone else b"+OK\r\n$2\r\n{}\r\n$-1\r\n"
+    harness.from_server(replies)
+    expected = shield.judge(Command.parse(line)).reply
+    assert expected.startswith(b"-ERR ")
+    assert harness.client == (expected if alone else b"+OK\r\n$2\r\n{}\r\n" + expected + b"$-1\r\n")
+    assert harness.pipeline.in_flight == 0 and not harness.pipeline.slots
+
+
+@pytest.mark.parametrize("line", [b"PUSH \r\n", b"ACK \n", b"QUEUE PAUSE \r\n", b"PUSHX\r\n", b"push\r\n"])
+def test_lines_the_server_survives_are_forwarded_even_when_they_look_alike(line):
+    harness = greeted()
+    harness.from_client(line)
+    harness.from_client(line + line)
+    assert harness.server == line * 3
 
 
 def test_a_refusal_first_waits_for_nothing_and_a_later_chunk_queues_behind_a_run():
@@ -387,12 +416,33 @@ LINES = [
 ]
 
 
+def found_verb(line: bytes) -> bytes:
+    """What the fast lane finds for a line: its verb as Command.parse splits it, or the whole line
+    when the server would crash on it (a bare payload verb or QUEUE): FULL_PATH then sends it on."""
+    command = Command.parse(line)
+    return line if line in BARE_CRASHERS else command.verb
+
+
 def test_verbs_are_found_as_command_parse_splits_them():
-    assert LINE.findall(b"".join(LINES)) == [Command.parse(line).verb for line in LINES]
-    harness = greeted(ScriptedRules())
-    for line in LINES:  # one line a chunk: found without the regex
+    lines = LINES + BARE_CRASHERS
+    assert LINE.findall(b"".join(lines)) == [found_verb(line) for line in lines]
+    rules = ScriptedRules()
+    harness = greeted(rules)
+    for line in lines:  # one line a chunk: found without the regex
         harness.from_client(line)
-        assert harness.pipeline.waiting[-1].verbs == [Command.parse(line).verb], line
+        if line in BARE_CRASHERS:  # never the fast lane: decide() sees it
+            assert rules.decided[-1] == line
+        else:
+            assert harness.pipeline.waiting[-1].verbs == [Command.parse(line).verb], line
+
+
+@given(
+    st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_the_verb_regex_agrees_with_the_parser_on_any_line(bodies, crlf):
+    lines = [body + (b"\r\n" if crlf else b"\n") for body in bodies]
+    assert LINE.findall(b"".join(lines)) == [found_verb(line) for line in lines]
 
 
 def script(n: int):
