@@ -46,7 +46,7 @@ SLOW = 25.0  # seconds a slow command keeps its connection busy: longer than a l
 
 # Every queue these tests push to, created before any INFO runs: Faktory 1.9.4 dies of a concurrent
 # map iteration (INFO) and map write (a push to a new queue) (docs/shield.md, "What no proxy can stop").
-QUEUES = ("fence-faults", "fence-faults-cb", "after-reset")
+QUEUES = ("fence-faults", "fence-faults-cb", "after-reset", "big-reply")
 
 
 class Busy:
@@ -55,9 +55,11 @@ class Busy:
     def __init__(self) -> None:
         self.faktory = FaktoryServer().start()
         self.server = BusyServer(self.faktory.url)
-        with RawClient.connect(self.faktory.url) as client:
+        with RawClient.connect(self.faktory.url, wid="busy-setup") as client:
             for queue in QUEUES:
                 assert client.call(push_line(job("queue-" + uid(), queue=queue))) == OK
+            fetched = json.loads(client.value("FETCH big-reply"))  # that queue must be empty
+            assert client.call('ACK {"jid":"%s"}' % fetched["jid"]) == OK
         self.standin = StandinProcess(self.faktory.url).start()
 
     def settled(self, timeout: float) -> None:
@@ -244,11 +246,13 @@ def test_a_step_of_the_ledgers_clock_ends_no_lease(standin, stack):
         assert all(reply.startswith(b"-ERR COMMIT_FENCE_TIMEOUT") for reply in commits), (step, commits)
 
 
-@pytest.mark.parametrize("order", ["reads-owed-first", "push-first"])
-def test_a_client_that_never_reads_holds_no_commit(busy, stack, order):
-    """A client pushes into batch B and never reads: with 150 INFOs (110 KB replies) ahead of the
-    PUSH, or after it. A commit of B from another client goes within twice the fence's timeout,
-    and nothing joins after it."""
+@pytest.mark.parametrize("unread", ["replies-owed-ahead", "a-reply-unread-ahead"])
+def test_a_client_that_never_reads_holds_no_commit(busy, stack, unread):
+    """A client pushes into batch B and never reads: with 150 INFOs (110 KB replies each) still
+    owed ahead of the PUSH (the barrier holds the PUSH), or with a 12 MB job it fetched and
+    never read, so that the gateway stopped reading the server for it, though nothing is owed
+    (the PUSH is admitted; its reply must still be read). A commit of B from another client goes
+    within twice the fence's timeout, and nothing joins after it."""
     fence_timeout = 1.0
     gateway = started(
         stack,
@@ -256,11 +260,18 @@ def test_a_client_that_never_reads_holds_no_commit(busy, stack, order):
     )
     committer = client_of(stack, gateway)
     bid = new_batch(committer)
-    reader = client_of(stack, gateway)
+    reader = RawClient.connect(gateway.url, wid="reader-" + uid(), timeout=60)
+    stack.callback(reader.close)
     reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     assert call(reader, push(bid)) == OK  # the gateway holds a lease on the batch
-    infos = b"INFO\r\n" * 150
-    reader.send(infos + push(bid) if order == "reads-owed-first" else push(bid) + infos)
+    if unread == "replies-owed-ahead":
+        reader.send(b"INFO\r\n" * 150 + push(bid))
+    else:
+        big = job("big-" + uid(), queue="big-reply", args=["x" * 12 * 2**20])
+        assert call(committer, (push_line(big) + "\r\n").encode()) == OK
+        reader.send(b"FETCH big-reply\r\n")
+        time.sleep(2.0)  # the 12 MB reply is read from the server, and sits unread by the client
+        reader.send(push(bid))
     time.sleep(1.0)
     began = time.monotonic()
     assert call(committer, f"BATCH COMMIT {bid}\r\n".encode()) == OK
