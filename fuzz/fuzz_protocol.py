@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the gateway's parsers: the wire framers and the batch-id decoder.
+"""Coverage-guided fuzzing of the gateway's parsers: the wire framers and the job reader.
 
     pip install atheris
     python fuzz/fuzz_protocol.py -max_total_time=60
@@ -14,12 +14,13 @@ Every input is read the same way, so a crash found by atheris replays as a plain
     the rest    the stream (or payload)
 
 What must hold:
-- CommandReader and ReplyReader, fed the stream in any split, raise nothing but ProtocolError (of
-  which FrameTooLarge is one); the frames they return, put back together, are exactly the bytes
-  consumed so far, each frame is well formed, and a split changes nothing: fed all at once, the
-  same frames come out (for commands, also the same failure).
-- policy.decode and policy.job_bid raise nothing but Malformed; a bid found is a valid one, and
-  the fast-path filter (may_name_a_batch) never misses a UTF-8 payload that names a batch.
+- CommandReader and the reply framer the pipeline runs (ReplyStream, frame_run), fed the stream
+  in any split, raise nothing but ProtocolError (of which FrameTooLarge is one); the frames they
+  return, put back together, are exactly the bytes consumed so far, each frame is well formed, a
+  split changes nothing (fed all at once, the same frames come out; for commands, also the same
+  failure), and the fast lane's run framing (frame_run) finds the same frames.
+- The job readers (jobs.read_push, jobs.read_bulk) raise nothing but Malformed; a bid found is a
+  valid one, and the fast-path filter (may_name_a_batch) never misses a payload that names a batch.
 - error_reply and bulk_reply, given any text, make exactly one well-formed reply.
 """
 
@@ -34,9 +35,11 @@ if __name__ == "__main__":
     import atheris
 
     with atheris.instrument_imports(include=["gateway"]):
-        from gateway import policy, protocol
+        from gateway import protocol
+        from gateway.batches import jobs, policy
 else:
-    from gateway import policy, protocol
+    from gateway import protocol
+    from gateway.batches import jobs, policy
 
 DEFAULT_CAP = 16 * 2**20
 
@@ -126,20 +129,19 @@ def check_reply(reply: protocol.Reply, cap: int) -> None:
 
 def read_replies(cap: int, chunks: list[bytes], stream: bytes) -> list[bytes] | None:
     """The frames' bytes, or None when the reader refused the stream."""
-    reader = protocol.ReplyReader(cap)
+    reader = protocol.ReplyStream(cap)
     frames: list[bytes] = []
     fed = 0
     for chunk in chunks:
         try:
-            replies = reader.feed(chunk)
+            replies = reader.replies(chunk)
         except protocol.ProtocolError:
             return None
         fed += len(chunk)
         for reply in replies:
             check_reply(reply, cap)
             frames.append(reply.raw)
-        held = len(reader._buffer)  # what it keeps for the next feed: all the rest was framed
-        assert b"".join(frames) == stream[: fed - held]
+        assert b"".join(frames) == stream[: fed - reader.held]  # all the rest was framed
     return frames
 
 
@@ -150,45 +152,38 @@ def check_replies(cap: int, chunks: list[bytes], stream: bytes) -> None:
     # two successes must agree.
     if frames is not None and frames_at_once is not None:
         assert frames == frames_at_once
+    if frames_at_once is not None:  # the fast lane's framing agrees, frame for frame
+        end, framed, errors = protocol.frame_run(stream, 0, len(frames_at_once) + 1, cap)
+        assert (end, framed) == (sum(map(len, frames_at_once)), len(frames_at_once))
+        assert errors == ([i for i, frame in enumerate(frames_at_once) if frame[:1] == b"-"] or None)
 
 
 # --- JSON payloads (PUSH, PUSHB, BATCH NEW) -----------------------------------------------------
 
 
-def strict_utf8(payload: bytes) -> bool:
-    """What Faktory's Go decoder reads as the same text Python does: UTF-8, no byte-order mark."""
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return not payload.startswith(b"\xef\xbb\xbf")
-
-
 def check_payload(payload: bytes) -> None:
     try:
-        value = policy.decode(payload)
+        bids = [jobs.read_push(payload)[0]]
     except policy.Malformed:
-        return
-    jobs = value if isinstance(value, list) else [value]
-    for job in jobs:
-        try:
-            bid = policy.job_bid(job)
-        except policy.Malformed:
-            continue
+        bids = []
+    try:
+        bids += [job.bid for job in jobs.read_bulk(payload) or []]
+    except policy.Malformed:
+        pass
+    for bid in bids:
         if bid is not None:
             assert policy.BID.fullmatch(bid), bid
-            if strict_utf8(payload):
-                assert policy.may_name_a_batch(payload), payload
-    if isinstance(value, dict):
+            assert jobs.may_name_a_batch(payload), payload
+    try:
+        value = jobs.decode(payload)
+        parent = jobs.field(value, "parent_bid") if isinstance(value, dict) else None
+    except policy.Malformed:
+        return
+    if parent:
         try:
-            parent = policy.field(value, "parent_bid")
+            policy.valid_bid(parent)
         except policy.Malformed:
-            return
-        if parent:
-            try:
-                policy.valid_bid(parent)
-            except policy.Malformed:
-                pass
+            pass
 
 
 # --- the gateway's own replies ------------------------------------------------------------------
@@ -198,7 +193,7 @@ def check_builders(stream: bytes) -> None:
     text = stream.decode("utf-8", "replace")
     code, _, message = text.partition(" ")
     for built in (protocol.error_reply(code, message), protocol.bulk_reply(stream)):
-        replies = protocol.ReplyReader().feed(built)
+        replies = protocol.ReplyStream().replies(built)
         assert [reply.raw for reply in replies] == [built], built
 
 

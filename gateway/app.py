@@ -14,13 +14,15 @@ import signal
 import time
 
 from . import __version__
-from .config import Config, ConfigError, Invocation, redact_url, reload_policy
-from .guard import BatchGuard
+from .batches.guard import BatchGuard
+from .batches.settings import RuleSettings
+from .config import Config, ConfigError, Invocation, reload_policy
 from .metrics import Metrics
 from .ops import Ops
 from .server import Server
 from .store import BatchStore
 from .store.memory import MemoryStore
+from .urls import redact_url
 
 log = logging.getLogger("gateway")
 
@@ -33,7 +35,7 @@ class Gateway:
         self.invocation = invocation
         self.metrics = Metrics()
         self.store = open_store(config)
-        self.guard = BatchGuard(self.store, config, self.metrics)
+        self.guard = BatchGuard(self.store, RuleSettings.of(config), self.metrics)
         self.server = Server(config, self.metrics, self.guard)
         self.ops = Ops(config, self.metrics, self.server, self.store.ping, self.request_shutdown)
         self._shutdown = asyncio.Event()
@@ -63,7 +65,7 @@ class Gateway:
     def apply(self, config: Config) -> None:
         self.config = config
         self.server.config = config
-        self.guard.config = config
+        self.guard.reconfigure(RuleSettings.of(config))
         self.ops.config = config
 
     async def run(self) -> int:

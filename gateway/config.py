@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .policy import Mode
+from .urls import redact_url
 
 ENV_PREFIX = "FAKTORY_GATEWAY_"
 DEFAULT_FAKTORY_PORT = 7419
@@ -93,14 +94,52 @@ def parse_text(value: Any) -> str:
     return str(value)
 
 
-def one_of(*choices: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        text = str(value).strip()
-        if text not in choices:
-            raise ValueError("allowed: " + ", ".join(choices))
-        return text
+class Mode(enum.StrEnum):
+    """How the batch rules act (README, "Configuration")."""
 
-    parse.choices = choices  # shown in --help
+    STRICT = "strict"  # committed means sealed
+    MEMBER_REOPEN = (
+        "member-reopen"  # Enterprise's documented rule: a worker holding a job of the batch may reopen it
+    )
+    SHADOW = "shadow"  # decide as strict, forward everything, count what would have been refused
+
+
+class UnknownBatch(enum.StrEnum):
+    """What the rules do with a batch the ledger has no record of."""
+
+    VERIFY = "verify"  # ask the server's BATCH STATUS
+    ALLOW = "allow"
+    REJECT = "reject"
+
+
+class OnStoreError(enum.StrEnum):
+    """What batch commands get when the ledger cannot be asked."""
+
+    REJECT = "reject"
+    ALLOW = "allow"
+
+
+class LogFormat(enum.StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def one_of(choices: type[enum.StrEnum]) -> Callable[[Any], enum.StrEnum]:
+    def parse(value: Any) -> enum.StrEnum:
+        text = str(value).strip()
+        try:
+            return choices(text)
+        except ValueError:
+            raise ValueError("allowed: " + ", ".join(choices)) from None
+
+    parse.choices = tuple(choices)  # shown in --help
     return parse
 
 
@@ -162,11 +201,6 @@ def parse_redis_url(value: Any) -> str:
     return text
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and errors."""
-    return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url)
-
-
 # ---------------------------------------------------------------------------------------------
 # The settings. `flag` names the command-line flag where one exists; `secret` values are redacted.
 
@@ -218,10 +252,8 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class Log:
-    format: str = setting("json", one_of("json", "text"), "log line format", "--log-format")
-    level: str = setting(
-        "info", one_of("debug", "info", "warning", "error"), "lowest level logged", "--log-level"
-    )
+    format: str = setting(LogFormat.JSON, one_of(LogFormat), "log line format", "--log-format")
+    level: str = setting(LogLevel.INFO, one_of(LogLevel), "lowest level logged", "--log-level")
 
 
 @dataclass(frozen=True)
@@ -238,9 +270,11 @@ class Config:
         "", parse_redis_url, "Redis URL for the shared ledger (empty: in-process)", "--redis", True
     )
     redis_key_prefix: str = setting("fgw:", parse_text, "prefix of every Redis key the gateway writes")
-    mode: str = setting("strict", one_of(*Mode), "enforcement mode", "--mode")
-    unknown_batch: str = setting("verify", one_of("verify", "allow", "reject"), "batches with no record")
-    on_store_error: str = setting("reject", one_of("reject", "allow"), "batch commands when the store fails")
+    mode: Mode = setting(Mode.STRICT, one_of(Mode), "enforcement mode", "--mode")
+    unknown_batch: UnknownBatch = setting(UnknownBatch.VERIFY, one_of(UnknownBatch), "batches with no record")
+    on_store_error: OnStoreError = setting(
+        OnStoreError.REJECT, one_of(OnStoreError), "batch commands when the store fails"
+    )
     commit_fence_timeout: float = setting(5.0, parse_duration, "longest wait for in-flight pushes at commit")
     committed_retention: float = setting(
         45 * 86400.0, parse_duration, "how long a committed batch is remembered after it was last seen"

@@ -21,7 +21,7 @@ __all__ = [
     "FrameTooLarge",
     "ProtocolError",
     "Reply",
-    "ReplyReader",
+    "ReplyStream",
     "bulk_reply",
     "error_reply",
     "frame_end",
@@ -130,70 +130,12 @@ class Reply:
 PLUS, MINUS, COLON, DOLLAR = b"+-:$"
 
 
-class ReplyReader:
-    """Frames the server's byte stream into RESP replies. Anything else raises ProtocolError."""
-
-    def __init__(self, max_bulk: int = 64 * 1024 * 1024):
-        self.max_bulk = max_bulk
-        self._buffer = bytearray()
-        self._need = 0  # a bulk header was read: wait for this many bytes in all before parsing again
-
-    def feed(self, data: bytes) -> list[Reply]:
-        buffer = self._buffer
-        buffer += data
-        size = len(buffer)
-        if size < self._need:
-            return []
-        replies = []
-        start = 0
-        need = 0
-        while start < size:
-            header_end = buffer.find(b"\r\n", start)
-            kind = buffer[start]
-            if kind not in (PLUS, MINUS, COLON, DOLLAR):
-                raise ProtocolError(f"unexpected reply type {bytes([kind])!r}")
-            if header_end < 0:
-                if size - start > (64 if kind == DOLLAR else self.max_bulk):
-                    raise FrameTooLarge("server line too long")
-                break
-            if kind == DOLLAR:
-                digits = bytes(buffer[start + 1 : header_end])
-                if not (digits.isdigit() or digits == b"-1"):  # int() would also take " 3" or "1_0"
-                    raise ProtocolError(f"bad bulk length {digits[:40]!r}")
-                length = int(digits)
-                if length == -1:
-                    end = header_end + 2
-                    replies.append(Reply(kind, None, bytes(buffer[start:end])))
-                    start = end
-                    continue
-                if length < 0 or length > self.max_bulk:
-                    raise FrameTooLarge(f"bulk string of {length} bytes")
-                end = header_end + 2 + length + 2
-                if end > size:
-                    need = end - start
-                    break
-                if buffer[end - 2 : end] != b"\r\n":
-                    raise ProtocolError("bulk string not followed by CRLF")
-                raw = bytes(buffer[start:end])
-                replies.append(Reply(kind, raw[header_end + 2 - start : -2], raw))
-                start = end
-            else:  # +, - or :
-                end = header_end + 2
-                raw = bytes(buffer[start:end])
-                replies.append(Reply(kind, raw[1:-2], raw))
-                start = end
-        if start:
-            del buffer[:start]
-        self._need = need
-        return replies
-
-
 def frame_end(data: bytes, start: int, max_bulk: int) -> int:
     """Where the RESP frame that begins at `start` ends: an offset past its last byte.
 
     An offset beyond `len(data)` means the frame is incomplete; for a bulk string it is exactly
     where the frame will end, for a line it is `len(data) + 1` (its end is not known yet). Raises
-    ProtocolError for anything that is not RESP, with the same checks as ReplyReader.
+    ProtocolError for anything that is not RESP.
     """
     size = len(data)
     kind = data[start]
@@ -218,6 +160,87 @@ def frame_end(data: bytes, start: int, max_bulk: int) -> int:
     if end <= size and data[end - 2 : end] != b"\r\n":
         raise ProtocolError("bulk string not followed by CRLF")
     return end
+
+
+def frame_run(data: bytes, pos: int, wanted: int, max_bulk: int) -> tuple[int, int, list[int] | None]:
+    """Frame up to `wanted` whole replies of `data` from `pos`, by offsets only (the fast lane
+    relays them as they came, without a Reply object each). Returns (end, framed, errors): the
+    offset past the last whole frame (`pos` if none), how many were framed, and the indexes among
+    them of error frames (`-`), or None when there was none."""
+    size = len(data)
+    framed = 0
+    errors: list[int] | None = None
+    while framed < wanted and pos < size:
+        kind = data[pos]
+        if kind == PLUS or kind == COLON:  # a line: frame_end's checks, inlined for the common +OK
+            end = data.find(b"\r\n", pos) + 2
+            if end == 1:
+                break  # incomplete; frame_end measures it when it is held (the cap applies there)
+        else:
+            end = frame_end(data, pos, max_bulk)
+            if end > size:
+                break
+            if kind == MINUS:
+                if errors is None:
+                    errors = []
+                errors.append(framed)
+        framed += 1
+        pos = end
+    return pos, framed, errors
+
+
+class ReplyStream:
+    """The server's byte stream, as the pipeline frames it: whole frames are framed where they lie
+    in what was read (by offsets: `frame_end`, `frame_run`, `reply_at`), and an incomplete last
+    frame is held until the bytes it needs have come. Raises ProtocolError for what is not RESP.
+
+        data = stream.feed(read)    # b"" while the held frame is still incomplete
+        ... frame data from offset 0 ...
+        stream.keep(data, pos)      # hold data[pos:], the start of a frame still incomplete
+    """
+
+    __slots__ = ("_need", "_tail", "max_bulk")
+
+    def __init__(self, max_bulk: int = 64 * 1024 * 1024):
+        self.max_bulk = max_bulk
+        self._tail = bytearray()
+        self._need = 0  # bytes the held frame needs before it is worth framing again
+
+    def feed(self, data: bytes) -> bytes:
+        tail = self._tail
+        if not tail:
+            return data
+        tail += data
+        if len(tail) < self._need:
+            return b""
+        data = bytes(tail)
+        tail.clear()
+        return data
+
+    def keep(self, data: bytes, pos: int) -> None:
+        if pos < len(data):
+            self._tail += data[pos:] if pos else data
+            self._need = frame_end(self._tail, 0, self.max_bulk)  # checks the held frame's header too
+
+    @property
+    def held(self) -> int:
+        """Bytes of an incomplete frame held for the next `feed`."""
+        return len(self._tail)
+
+    def replies(self, data: bytes) -> list[Reply]:
+        """Every whole reply that `data` completes, as Reply objects (for callers that want them
+        all: the tests, the fuzzer; the pipeline frames one at a time as its queue says)."""
+        data = self.feed(data)
+        out = []
+        pos = 0
+        while pos < len(data):
+            end = frame_end(data, pos, self.max_bulk)
+            if end > len(data):
+                break
+            out.append(reply_at(data, pos, end))
+            pos = end
+        self.keep(data, pos)
+        return out
 
 
 def reply_at(data: bytes, start: int, end: int) -> Reply:

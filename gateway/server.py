@@ -10,15 +10,12 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
 
 from .config import Config
 from .metrics import Metrics
+from .pipeline import Rules
 from .protocol import error_reply
 from .session import Session, SessionContext
-
-if TYPE_CHECKING:
-    from .guard import BatchGuard
 
 log = logging.getLogger("gateway.server")
 
@@ -55,9 +52,9 @@ class _Refuse(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, config: Config, metrics: Metrics, guard: BatchGuard):
+    def __init__(self, config: Config, metrics: Metrics, rules: Rules):
         self.metrics = metrics
-        self.guard = guard
+        self.rules = rules
         self.config = config  # also builds the sessions' context
         self.sessions: set[Session] = set()
         self.state = "starting"
@@ -78,7 +75,7 @@ class Server:
         self._context = SessionContext(
             limits=config.limits,
             metrics=self.metrics,
-            guard=self.guard,
+            rules=self.rules,
             upstream=str(config.upstream),
             dial=self._dial,
             opened=self.session_opened,

@@ -3,8 +3,8 @@
 The ordering rules live in pipeline.py, which never touches a socket. The session moves bytes:
 what the client sends goes to `Pipeline.on_client_data`, what the server sends to
 `on_server_data`, and after each of them (and whenever the pipeline wakes it from a task) it
-writes `to_server()` upstream and `to_client()` to the client, then applies back-pressure and
-closes what is done.
+writes the pipeline's `server_out` upstream and `client_out` to the client, counts what was
+answered (tally.py), then applies back-pressure and closes what is done, as the pipeline says.
 
 Back-pressure is explicit: the client's reads pause while the upstream's write buffer is full, while
 `max_pipeline` commands are in flight, and before the upstream is dialled; the upstream's reads
@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import tally
 from .config import Limits
 from .metrics import Metrics
-from .pipeline import DECIDING, HANDSHAKE, Pipeline, Rules, take
+from .pipeline import Pipeline, Rules, take
 from .protocol import FrameTooLarge, ProtocolError, Reply, error_reply
 
 log = logging.getLogger("gateway.session")
@@ -53,7 +54,7 @@ class SessionContext:
 
     limits: Limits
     metrics: Metrics
-    guard: Rules
+    rules: Rules
     upstream: str  # the upstream's name, for logs and errors
     # Opens the upstream connection with a protocol from the factory (timeouts included);
     # raises TimeoutError or OSError.
@@ -89,13 +90,13 @@ class Session(asyncio.Protocol):
         self.metrics = context.metrics
         self.hot = context.metrics.hot
         limits = context.limits
-        self.max_pipeline = limits.max_pipeline
+        self.max_line = limits.max_line_bytes
         self.pipeline = Pipeline(
-            context.guard,
+            context.rules,
             self,
             max_line=limits.max_line_bytes,
             max_bulk=max(limits.max_line_bytes, 64 * 2**20),
-            command_done=context.metrics.command_done,
+            max_pipeline=limits.max_pipeline,
             spawn=self._spawn,
             wake=self._pump,
             abort=self.abort_upstream,
@@ -104,6 +105,7 @@ class Session(asyncio.Protocol):
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.peer = "?"
+        self.wid: str | None = None  # what the client's HELLO said (the rules note it)
         self.closed = False
         self.draining = False
         self.last_activity = time.monotonic()
@@ -117,24 +119,7 @@ class Session(asyncio.Protocol):
         self.backlog_limit = limits.max_line_bytes
 
     # ------------------------------------------------------------------------------------------
-    # decisions.Client
-
-    @property
-    def wid(self) -> str | None:
-        return self.pipeline.wid
-
-    def unanswered(self) -> bool:
-        return self.pipeline.unanswered()
-
-    async def all_answered(self) -> None:
-        future = asyncio.get_running_loop().create_future()
-
-        def answered() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        if self.pipeline.when_all_answered(answered, future.cancel):
-            await future
+    # decisions.Client (with `wid` and `peer`)
 
     async def ask_upstream(self, line: bytes) -> Reply:
         """Send a command of the gateway's own on this client's upstream connection and return the reply.
@@ -203,11 +188,9 @@ class Session(asyncio.Protocol):
             self.pipeline.on_client_data(data)
         except FrameTooLarge:
             self.metrics.refusals.labels("LINE_TOO_LONG").inc()
-            self.fail(
-                error_reply("LINE_TOO_LONG", f"command longer than {self.pipeline.max_line} bytes; closing")
-            )
+            self.fail(error_reply("LINE_TOO_LONG", f"command longer than {self.max_line} bytes; closing"))
             return
-        if self._handshake_timer is not None and self.pipeline.phase is not HANDSHAKE:
+        if self._handshake_timer is not None and self.pipeline.handshaken:
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self._pump()
@@ -215,14 +198,14 @@ class Session(asyncio.Protocol):
     def _pump(self) -> None:
         """Write what the pipeline has for either side, then apply back-pressure and closing."""
         pipeline = self.pipeline
-        out = pipeline.server_out  # what to_server() would join, taken without the call
+        out = pipeline.server_out
         if out:
-            if pipeline.reset_on_close and not self._resets_on_close:
+            if pipeline.resets_on_close and not self._resets_on_close:
                 self._reset_on_close()  # before the first ticketed command is written
             data = take(out)
             if self.upstream is not None and pipeline.upstream_open:
                 self.upstream.write(data)
-                if self._upstream_paused and pipeline.owes_linger():
+                if self._upstream_paused and pipeline.must_read_server():
                     self._resume_upstream()  # an admitted command's reply must be read, whatever the client does
         out = pipeline.client_out
         if out:
@@ -230,11 +213,12 @@ class Session(asyncio.Protocol):
             if not self.closed:
                 self.client.write(data)
                 self.hot.bytes_sent += len(data)
-            if pipeline.done:
-                pipeline.count_done()  # after the write: metrics stay off the reply's path
-        if pipeline.in_flight >= self.max_pipeline:
+            if pipeline.done:  # counted after the write: metrics stay off the reply's path
+                done, at = pipeline.take_done()
+                tally.count(done, at, self.metrics.command_done)
+        if pipeline.backlogged():
             self.pause_client("pipeline")
-        elif "pipeline" in self._pauses and pipeline.phase is not DECIDING:
+        elif "pipeline" in self._pauses and pipeline.may_take_more():
             self.resume_client("pipeline")
         if self.draining or not pipeline.upstream_open:
             self._close_if_done()
@@ -268,7 +252,7 @@ class Session(asyncio.Protocol):
             self.close()
             return
         if self.closed:  # the client left; only owed lease releases kept the upstream open
-            if not self.pipeline.owes_linger():
+            if not self.pipeline.must_read_server():
                 self.upstream.close()
             return
         self._pump()
@@ -288,15 +272,8 @@ class Session(asyncio.Protocol):
             self.close()
 
     def _close_if_done(self) -> None:
-        """After the upstream closed, or while draining: close once nothing more can be answered."""
-        if self.closed:
-            return
-        pipeline = self.pipeline
-        if self.draining and pipeline.upstream_open:
-            if pipeline.idle:
-                self.close()
-            return
-        if not pipeline.slots or not pipeline.handler_pending:
+        """After the upstream closed, or while draining: close once the pipeline says so."""
+        if not self.closed and self.pipeline.may_close(self.draining):
             self.close()
 
     # ------------------------------------------------------------------------------------------
@@ -326,7 +303,7 @@ class Session(asyncio.Protocol):
         must see is owed (an admitted command's lease ends only when its reply is read)."""
         if self._upstream_paused or self.upstream is None or not self.pipeline.upstream_open:
             return
-        if not self.pipeline.owes_linger():
+        if not self.pipeline.must_read_server():
             self.upstream.pause_reading()
             self._upstream_paused = True
 
@@ -337,14 +314,14 @@ class Session(asyncio.Protocol):
                 self.upstream.resume_reading()
 
     def _handshake_expired(self) -> None:
-        if self.pipeline.phase is HANDSHAKE and not self.closed:
+        if not self.pipeline.handshaken and not self.closed:
             self.metrics.refusals.labels("HANDSHAKE_TIMEOUT").inc()
             self.fail(error_reply("HANDSHAKE_TIMEOUT", "no HELLO in time; closing"))
 
     @property
     def busy(self) -> bool:
         """Commands are in flight (the idle sweep leaves the connection alone)."""
-        return bool(self.pipeline.slots)
+        return self.pipeline.busy
 
     def fail(self, reply: bytes) -> None:
         """Send the gateway's own last word, after any replies still owed, and close."""
@@ -374,7 +351,7 @@ class Session(asyncio.Protocol):
             if task is not asyncio.current_task():
                 task.cancel()
         if self.upstream is not None and self.pipeline.upstream_open:
-            if self.pipeline.owes_linger():
+            if self.pipeline.must_read_server():
                 # A reply that must be handled (a lease release) is owed: upstream_data closes the
                 # upstream once it came; this timer resets it if it never comes.
                 self._resume_upstream()

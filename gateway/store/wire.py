@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-from ..config import redact_url
+from ..urls import redact_url
 
 CONNECT_TIMEOUT = 2.0
 log = logging.getLogger("gateway.store")

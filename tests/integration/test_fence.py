@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from gateway.fence import LEASE_LIFE, VALID_FOR
+from gateway.batches.fence import LEASE_LIFE, VALID_FOR
 from tests.support.client import CommandError, RawClient, job, push_line
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import GatewayProcess, Process, RedisServer, free_port

@@ -23,7 +23,7 @@ import time
 import pytest
 import redis
 
-from gateway.fence import ATTEMPT_LIFE, LEASE_LIFE, VALID_FOR
+from gateway.batches.fence import ATTEMPT_LIFE, LEASE_LIFE, VALID_FOR
 from tests.support.client import RawClient, job, push_line
 from tests.support.faultproxy import FaultProxy
 from tests.support.fence import (

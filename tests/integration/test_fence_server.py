@@ -23,7 +23,7 @@ import time
 import pytest
 import redis
 
-from gateway.fence import ADMIT_MAX_BYTES, LEASE_LIFE, SERVER_BOUND
+from gateway.batches.fence import ADMIT_MAX_BYTES, LEASE_LIFE, SERVER_BOUND
 from tests.support.busy import BusyServer
 from tests.support.client import RawClient, job, push_line
 from tests.support.faultproxy import FaultProxy

@@ -1,4 +1,4 @@
-"""The gateway reads a job's batch as Go does: policy.read_push against encoding/json itself.
+"""The gateway reads a job's batch as Go does: jobs.read_push against encoding/json itself.
 
 tests/clients/go/jobjson decodes each payload into Faktory's own Job struct, exactly as the
 server's PUSH handler does (server/commands.go:214-217), and prints custom.bid and the reserved
@@ -16,7 +16,7 @@ import json
 import random
 import subprocess
 
-from gateway import policy
+from gateway.batches import jobs, policy
 from tests.unit.test_policy import Pairs, ambiguous, encode
 
 SEED = 18
@@ -80,7 +80,7 @@ def test_the_gateway_finds_the_batch_go_finds(jobjson):
     counts = {"read": 0, "member": 0, "refused": 0}
     for (payload, shallow), go in zip(made, readings, strict=True):
         try:
-            bid, reserved = policy.read_push(payload)
+            bid, reserved = jobs.read_push(payload)
         except policy.Malformed:
             counts["refused"] += 1
             assert not go["ok"] or ambiguous(shallow), payload

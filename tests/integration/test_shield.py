@@ -16,7 +16,8 @@ import re
 
 import pytest
 
-from gateway import policy, shield
+from gateway import shield
+from gateway.batches import jobs, policy
 from gateway.protocol import Command
 from tests.integration.test_transparent import normalize
 from tests.support.client import RawClient, ServerClosed, job, push_line
@@ -302,10 +303,10 @@ def judged_in_part(line: bytes) -> bool:
     if command.verb != b"PUSHB":
         return False
     try:
-        jobs = policy.read_bulk(command.args) or []
+        read = jobs.read_bulk(command.args) or []
     except policy.Malformed:
         return False  # refused whole: MALFORMED
-    return any(job.bid or job.reserved for job in jobs)
+    return any(job.bid or job.reserved for job in read)
 
 
 def made_by_the_gateway(reply: bytes) -> bool:

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.batches.guard import BatchGuard
 from gateway.decisions import Forward, Respond
-from gateway.guard import BatchGuard
 from gateway.metrics import Metrics
 from gateway.store import COMMITTING
 from gateway.store.memory import MemoryStore
-from tests.unit.test_guard_playbook import DAY, FakeClient, committed, config, decide
+from tests.support.fakes import FakeClient, settings
+from tests.support.playbook import committed, decide
+
+DAY = 86400.0
 
 
 @pytest.mark.parametrize("spelling", ["OPEN", "open", "Open", "oPeN"])
 async def test_batch_open_in_any_spelling_gets_the_rules(spelling):
     store = MemoryStore(45 * DAY, 7 * DAY)
-    guard = BatchGuard(store, config(), Metrics())
+    guard = BatchGuard(store, settings(), Metrics())
     client = FakeClient()
     await committed(guard, store, "b-1", client)
     refused = await decide(guard, f"BATCH {spelling} b-1", client)
@@ -29,7 +32,7 @@ async def test_batch_open_in_any_spelling_gets_the_rules(spelling):
 
 async def test_batch_subcommands_are_matched_as_go_upper_cases_them():
     store = MemoryStore(45 * DAY, 7 * DAY)
-    guard = BatchGuard(store, config(), Metrics())
+    guard = BatchGuard(store, settings(), Metrics())
     client = FakeClient()
     await committed(guard, store, "b-1", client)
     child = await decide(guard, 'BATCH new {"parent_bid":"b-1"}', client)
@@ -59,7 +62,7 @@ async def test_batch_subcommands_are_matched_as_go_upper_cases_them():
 )
 async def test_an_unknown_batch_subcommand_goes_on_only_without_a_bid_like_argument(text, forwarded):
     store = MemoryStore(45 * DAY, 7 * DAY)
-    guard = BatchGuard(store, config(), Metrics())
+    guard = BatchGuard(store, settings(), Metrics())
     decision = await decide(guard, text, FakeClient())
     if forwarded:
         assert decision is None  # the client's bytes, unchanged

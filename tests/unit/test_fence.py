@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.fence import CommitStart, Fence, LapseWatch, Timing
+from gateway.batches.fence import CommitStart, Fence, LapseWatch, Timing
 from gateway.metrics import Metrics
 from gateway.store import COMMITTING, OPEN
 from gateway.store.memory import MemoryStore

@@ -12,25 +12,26 @@ it returns None, Forward or Respond (or an awaitable of one), every refusal is o
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
-import types
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.decisions import Forward, Respond
-from gateway.guard import BatchGuard
+from gateway.batches.guard import BatchGuard
+from gateway.batches.settings import RuleSettings
+from gateway.decisions import Forward, Later, Respond
 from gateway.metrics import Metrics
-from gateway.pipeline import Phase, Pipeline
 from gateway.protocol import Command, bulk_reply
 from gateway.store import OPEN
 from gateway.store.memory import MemoryStore
-from tests.unit.test_guard_playbook import DAY, FakeClient, answer, committed, config, reply_of
+from tests.support import fakes
+from tests.support.fakes import FakeClient, reply_of
+from tests.support.playbook import answer, committed
 
+DAY = 86400.0
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MODES = {mode: config(mode=mode) for mode in ("strict", "member-reopen", "shadow")}
+MODES = {mode: fakes.settings(mode=mode) for mode in ("strict", "member-reopen", "shadow")}
 ERR_LINE = re.compile(rb"-ERR [A-Z][A-Z_]+ [^\r\n]+\r\n")
 BIDS = ["b-1", "b-2", "b-3", "b-4"]  # committed, open, fired, unknown to the ledger (see `world`)
 
@@ -178,10 +179,10 @@ async def world(mode: str) -> tuple[BatchGuard, MemoryStore]:
 
 
 async def decided(guard: BatchGuard, command: Command, client: FakeClient):
-    """The guard's decision, checked for shape; awaitables are awaited (bounded, never a hang)."""
-    decision = guard.decide(command, client)
-    if inspect.isawaitable(decision):
-        decision = await asyncio.wait_for(decision, 5)
+    """The guard's decision, checked for shape; a Later worked out (bounded, never a hang)."""
+    decision = guard.decide(command, client, True)
+    if type(decision) is Later:
+        decision = await asyncio.wait_for(decision.work(), 5)
     assert decision is None or isinstance(decision, Forward | Respond), decision
     if isinstance(decision, Respond):
         assert_well_formed(command, decision.data)
@@ -205,7 +206,7 @@ async def reply_to(decision, reply, transparent: bool) -> None:
     """Feed the server's reply to a forwarded command's handler, as the session would."""
     if not isinstance(decision, Forward):
         return
-    out = await asyncio.wait_for(answer(decision, reply), 5)
+    out = await asyncio.wait_for(answer(decision, reply.raw), 5)
     assert isinstance(out, bytes)
     if transparent:
         assert out == reply.raw  # FETCH, BATCH STATUS/NEW/COMMIT replies reach the client unchanged
@@ -341,11 +342,12 @@ def test_fetch_replies_are_watched_never_changed(mode, fetched, answers, wid):
 
 
 def hello(command: Command) -> str | None:
-    """The pipeline's own handling of the first line (Pipeline._on_first_line), on a bare stand-in."""
-    pipeline = types.SimpleNamespace(phase=Phase.HANDSHAKE, wid=None)
-    Pipeline._on_first_line(pipeline, command)
-    assert pipeline.phase is Phase.READY
-    return pipeline.wid
+    """The rules' reading of a HELLO line (batches/workers.py): the worker id they note on the
+    client, if any; the line itself is always forwarded as it is."""
+    client = FakeClient()
+    rules = BatchGuard(MemoryStore(45 * DAY, 7 * DAY), RuleSettings(), Metrics())
+    assert rules.decide(command, client, True) is None
+    return client.wid
 
 
 @FUZZ

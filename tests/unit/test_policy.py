@@ -1,4 +1,5 @@
-"""The batch rules as pure functions: no sockets, no store."""
+"""The batch rules as pure functions, no sockets, no store: the refusals (batches/policy.py) and
+the reading of what a payload adds to a batch, as the Go server reads it (batches/jobs.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway import policy
-from gateway.policy import MEMBER_REOPEN, SHADOW, STRICT, Malformed
+from gateway.batches import jobs, policy
+from gateway.batches.policy import Malformed
+from gateway.config import Mode, OnStoreError, UnknownBatch
 from gateway.store import COMMITTED, COMMITTING, FIRED, OPEN
+
+STRICT, MEMBER_REOPEN, SHADOW = Mode.STRICT, Mode.MEMBER_REOPEN, Mode.SHADOW
 
 
 def code(refusal):
@@ -70,22 +74,27 @@ def test_refusal_reply_is_a_faktory_error_line():
 # --- reading payloads ---------------------------------------------------------------------------
 
 
+def bid_of(job: object) -> str | None:
+    """The batch a job (as JSON) joins, read as a PUSH's payload is."""
+    return jobs.read_push(json.dumps(job, ensure_ascii=False).encode())[0]
+
+
 def test_job_bid_reads_custom_bid():
-    assert policy.job_bid({"jid": "j", "custom": {"bid": "b-abc"}}) == "b-abc"
-    assert policy.job_bid({"jid": "j", "custom": {"bid": ""}}) is None
-    assert policy.job_bid({"jid": "j"}) is None
-    assert policy.job_bid({"jid": "j", "custom": {"_bid": "b-cb"}}) is None  # a callback is not a member
+    assert bid_of({"jid": "j", "custom": {"bid": "b-abc"}}) == "b-abc"
+    assert bid_of({"jid": "j", "custom": {"bid": ""}}) is None
+    assert bid_of({"jid": "j"}) is None
+    assert bid_of({"jid": "j", "custom": {"_bid": "b-cb"}}) is None  # a callback is not a member
 
 
 def test_custom_is_found_whatever_its_case_as_go_decodes_it():
-    assert policy.job_bid({"jid": "j", "CUSTOM": {"bid": "b-x"}}) == "b-x"
+    assert bid_of({"jid": "j", "CUSTOM": {"bid": "b-x"}}) == "b-x"
 
 
 def test_ambiguous_or_duplicate_keys_are_refused():
     with pytest.raises(Malformed):
-        policy.job_bid({"custom": {"bid": "b-1"}, "Custom": {}})
+        bid_of({"custom": {"bid": "b-1"}, "Custom": {}})
     with pytest.raises(Malformed):
-        policy.decode(b'{"custom":{"bid":"b-1"},"custom":{"x":1}}')
+        jobs.decode(b'{"custom":{"bid":"b-1"},"custom":{"x":1}}')
 
 
 @pytest.mark.parametrize("bid", ["", "b 1", "b-1\r\nPUSH", "{tag}", "x" * 129, "é", 12, None, ["b-1"]])
@@ -96,13 +105,13 @@ def test_invalid_bids_are_refused(bid):
 
 def test_deeply_nested_json_is_malformed_not_a_crash():
     with pytest.raises(Malformed):
-        policy.decode(b"[" * 100_000 + b"]" * 100_000)
+        jobs.decode(b"[" * 100_000 + b"]" * 100_000)
 
 
 def test_escaped_key_spellings_are_not_missed_by_the_fast_path():
     payload = b'{"jid":"j","custom":{"b\\u0069d":"b-1"}}'
-    assert policy.may_name_a_batch(payload)
-    assert policy.job_bid(policy.decode(payload)) == "b-1"
+    assert jobs.may_name_a_batch(payload)
+    assert jobs.read_push(payload)[0] == "b-1"
 
 
 json_values = st.recursive(
@@ -122,8 +131,8 @@ json_values = st.recursive(
 def test_fast_path_never_skips_a_job_that_names_a_batch(bid, extra, ascii_only):
     job = {**extra, "custom": {"bid": bid}}
     payload = json.dumps(job, ensure_ascii=ascii_only).encode()
-    assert policy.may_name_a_batch(payload)
-    assert policy.job_bid(policy.decode(payload)) == bid
+    assert jobs.may_name_a_batch(payload)
+    assert jobs.read_push(payload)[0] == bid
 
 
 def test_every_refusal_made_by_a_setting_names_it():
@@ -134,17 +143,10 @@ def test_every_refusal_made_by_a_setting_names_it():
         "(mode: member-reopen)"
     )
     assert policy.refusal_to_add("b-1", COMMITTED, MEMBER_REOPEN).message.endswith("(mode: member-reopen)")
-    for setting in ("verify", "reject"):
+    for setting in (UnknownBatch.VERIFY, UnknownBatch.REJECT):
         assert policy.refusal_unknown("b-1", setting).message.endswith(f"(unknown_batch: {setting})")
-    assert policy.refusal_store_down("b-1", "reject").message.endswith("(on_store_error: reject)")
+    assert policy.refusal_store_down("b-1", OnStoreError.REJECT).message.endswith("(on_store_error: reject)")
     assert policy.refusal_fence_timeout("b-1", 2.5).message.endswith("(commit_fence_timeout: 2.5s)")
-
-
-def test_status_fired():
-    assert policy.status_fired({"complete_st": "1", "success_st": ""})
-    assert policy.status_fired({"complete_st": "", "success_st": "2"})
-    assert not policy.status_fired({"complete_st": "", "success_st": ""})
-    assert not policy.status_fired(None)
 
 
 @pytest.mark.parametrize(
@@ -159,10 +161,10 @@ def test_status_fired():
     ],
 )
 def test_reserved_keys_are_the_servers(job, keys):
-    assert policy.reserved_keys(job) == keys
+    assert jobs.read_push(json.dumps(job, ensure_ascii=False).encode())[1] == keys
     if keys:
         payload = json.dumps(job, ensure_ascii=False).encode()
-        assert policy.may_name_a_batch(payload)
+        assert jobs.may_name_a_batch(payload)
 
 
 # --- reading a PUSH as the Go server does ------------------------------------------------------
@@ -265,13 +267,13 @@ def test_a_push_is_read_as_go_reads_it_or_refused_only_when_ambiguous(job, ascii
         payload = b'{"args":' + b"[" * depth + b"]" * depth + (b"," + shallow[1:] if job else b"}")
     outcome, custom = go_reading(shallow)
     try:
-        bid, reserved = policy.read_push(payload)
+        bid, reserved = jobs.read_push(payload)
     except Malformed:
         assert ambiguous(shallow), payload
         return
     if outcome == "read":
         assert bid == ((custom or {}).get("bid") or None)
-        assert reserved == [key for key in policy.RESERVED_KEYS if key in (custom or {})]
+        assert reserved == [key for key in jobs.RESERVED_KEYS if key in (custom or {})]
 
 
 def test_jobs_outside_batches_are_read_whatever_go_accepts():
@@ -284,39 +286,38 @@ def test_jobs_outside_batches_are_read_whatever_go_accepts():
         b'{"jid":"j1","args":["\\u003cb\\u003e \\u0026 caf\\u00e9"],"custom":{"k":"\\u2713"}}',
         b'{"jid":"j1","custom":{},"Custom":{"x":1},"CUSTOM":null}',  # merged by Go: still no batch
     ):
-        assert policy.read_push(payload) == (None, [])
+        assert jobs.read_push(payload) == (None, [])
 
 
 def test_a_batch_job_nested_past_pythons_decoder_is_still_read():
     deep = b"[" * 5000 + b"]" * 5000
-    assert policy.read_push(b'{"args":' + deep + b',"custom":{"x":' + deep + b',"bid":"b-1"}}') == ("b-1", [])
-    assert policy.read_push(b'{"Custom":{"_cb":' + deep + b"}," + b'"args":' + deep + b"}") == (None, ["_cb"])
+    assert jobs.read_push(b'{"args":' + deep + b',"custom":{"x":' + deep + b',"bid":"b-1"}}') == ("b-1", [])
+    assert jobs.read_push(b'{"Custom":{"_cb":' + deep + b"}," + b'"args":' + deep + b"}") == (None, ["_cb"])
     with pytest.raises(Malformed):  # a bid nested that deep is no bid
-        policy.read_push(b'{"custom":{"bid":' + deep + b'},"args":' + deep + b"}")
+        jobs.read_push(b'{"custom":{"bid":' + deep + b'},"args":' + deep + b"}")
 
 
 def test_the_reading_refuses_only_what_could_change_a_decision():
     with pytest.raises(Malformed):
-        policy.read_push(b'{"custom":{"bid":"b-1"},"CUSTOM":{"bid":"b-2"}}')
+        jobs.read_push(b'{"custom":{"bid":"b-1"},"CUSTOM":{"bid":"b-2"}}')
     with pytest.raises(Malformed):
-        policy.read_push(b'{"custom":{},"Custom":{"_pbid":"b-2"},"x":"\\u0041"}')
+        jobs.read_push(b'{"custom":{},"Custom":{"_pbid":"b-2"},"x":"\\u0041"}')
     with pytest.raises(Malformed):
-        policy.read_push(b'{"custom":{"bid":"b-1","bid":"b-2"}}')
+        jobs.read_push(b'{"custom":{"bid":"b-1","bid":"b-2"}}')
     with pytest.raises(Malformed):  # invalid JSON still is, where it may name a batch
-        policy.read_push(b'{"custom":{"bid":"b-1"}} trailing')
-    assert policy.read_push(b'{"custom":{"x":1,"x":2},"Custom":{"y":3}}') == (None, [])
+        jobs.read_push(b'{"custom":{"bid":"b-1"}} trailing')
+    assert jobs.read_push(b'{"custom":{"x":1,"x":2},"Custom":{"y":3}}') == (None, [])
 
 
 def test_a_pushb_keeps_each_jobs_bytes_for_the_jobs_it_forwards():
     payload = b'[{"jid":"a\xff","custom":{"bid":"b-1"}} , {"jid":"b","args":["\\u003c"]},7]'
-    jobs = policy.read_bulk(payload)
-    assert [(job.bid, job.jid) for job in jobs] == [("b-1", "a\udcff"), (None, "b"), (None, "")]
-    assert policy.bulk_line(payload, [False, True, True]) == b'PUSHB [{"jid":"b","args":["\\u003c"]},7]\r\n'
+    read = jobs.read_bulk(payload)
+    assert [(job.bid, job.jid) for job in read] == [("b-1", "a\udcff"), (None, "b"), (None, "")]
+    assert jobs.bulk_line(payload, [False, True, True]) == b'PUSHB [{"jid":"b","args":["\\u003c"]},7]\r\n'
     assert (
-        policy.bulk_line(payload, [True, False, False])
-        == b'PUSHB [{"jid":"a\xff","custom":{"bid":"b-1"}}]\r\n'
+        jobs.bulk_line(payload, [True, False, False]) == b'PUSHB [{"jid":"a\xff","custom":{"bid":"b-1"}}]\r\n'
     )
-    assert policy.read_bulk(b'{"jid":"x"}') is None  # not a list: the server's own error
+    assert jobs.read_bulk(b'{"jid":"x"}') is None  # not a list: the server's own error
 
 
 @pytest.mark.parametrize(
@@ -334,4 +335,4 @@ def test_a_pushb_keeps_each_jobs_bytes_for_the_jobs_it_forwards():
     ],
 )
 def test_an_unknown_batch_subcommand_is_bid_like_when_it_could_name_a_batch(argument, bid_like):
-    assert policy.names_a_batch(argument) is bid_like
+    assert jobs.names_a_batch(argument) is bid_like

@@ -11,17 +11,19 @@ from gateway.protocol import (
     CommandReader,
     FrameTooLarge,
     ProtocolError,
-    ReplyReader,
+    ReplyStream,
     bulk_reply,
     error_reply,
+    frame_run,
 )
 
 
-def feed_in_pieces(reader, data: bytes, cuts: list[int]):
+def feed_in_pieces(feed, data: bytes, cuts: list[int]):
+    """What a reader's `feed` makes of `data` cut at these offsets."""
     frames = []
     last = 0
     for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
-        frames.extend(reader.feed(data[last:cut]))
+        frames.extend(feed(data[last:cut]))
         last = cut
     return frames
 
@@ -76,7 +78,7 @@ lines = st.lists(
 def test_any_split_of_the_stream_gives_the_same_commands(body, endings, cuts):
     data = b"".join(line + endings[i] for i, line in enumerate(body))
     whole = CommandReader().feed(data)
-    pieces = feed_in_pieces(CommandReader(), data, cuts)
+    pieces = feed_in_pieces(CommandReader().feed, data, cuts)
     assert [c.raw for c in pieces] == [c.raw for c in whole]
     assert b"".join(c.raw for c in whole) == data  # nothing lost, nothing invented
     assert [Command.parse(c.raw).args for c in whole] == [c.args for c in pieces]
@@ -87,7 +89,7 @@ def test_any_split_of_the_stream_gives_the_same_commands(body, endings, cuts):
 
 def test_all_reply_types():
     data = b'+HI {"v":2}\r\n-ERR nope\r\n:42\r\n$5\r\nhello\r\n$-1\r\n$0\r\n\r\n'
-    replies = ReplyReader().feed(data)
+    replies = ReplyStream().replies(data)
     assert [(r.kind, r.payload) for r in replies] == [
         (ord("+"), b'HI {"v":2}'),
         (ord("-"), b"ERR nope"),
@@ -101,15 +103,15 @@ def test_all_reply_types():
 
 
 def test_bulk_body_is_read_by_length_not_by_line():
-    (reply,) = ReplyReader().feed(b"$4\r\na\r\nb\r\n")
+    (reply,) = ReplyStream().replies(b"$4\r\na\r\nb\r\n")
     assert reply.payload == b"a\r\nb"
 
 
 def test_bulk_split_in_the_middle_waits_for_the_rest():
-    reader = ReplyReader()
-    assert reader.feed(b"$10\r\n01234") == []
-    assert reader.feed(b"56") == []
-    (reply,) = reader.feed(b"789\r\n+OK\r\n")[:1]
+    stream = ReplyStream()
+    assert stream.replies(b"$10\r\n01234") == []
+    assert stream.replies(b"56") == []
+    (reply,) = stream.replies(b"789\r\n+OK\r\n")[:1]
     assert reply.payload == b"0123456789"
 
 
@@ -119,12 +121,12 @@ def test_bulk_split_in_the_middle_waits_for_the_rest():
 )
 def test_garbage_from_the_server_is_a_protocol_error(garbage):
     with pytest.raises(ProtocolError):
-        ReplyReader().feed(garbage)
+        ReplyStream().replies(garbage)
 
 
 def test_bulk_over_the_cap_is_refused_from_its_header():
     with pytest.raises(FrameTooLarge):
-        ReplyReader(max_bulk=100).feed(b"$101\r\n")
+        ReplyStream(max_bulk=100).replies(b"$101\r\n")
 
 
 replies = st.lists(
@@ -141,7 +143,7 @@ replies = st.lists(
 @given(replies, st.lists(st.integers(0, 10_000)))
 def test_any_split_of_the_reply_stream_gives_the_same_replies(frames, cuts):
     data = b"".join(frames)
-    pieces = feed_in_pieces(ReplyReader(), data, cuts)
+    pieces = feed_in_pieces(ReplyStream().replies, data, cuts)
     assert [r.raw for r in pieces] == frames
 
 
@@ -151,16 +153,36 @@ def test_any_split_of_the_reply_stream_gives_the_same_replies(frames, cuts):
 def test_error_reply_is_one_err_line_even_with_line_breaks_in_the_message():
     reply = error_reply("BATCH_COMMITTED", "batch b-1\r\nPUSH evil")
     assert reply == b"-ERR BATCH_COMMITTED batch b-1  PUSH evil\r\n"
-    (parsed,) = ReplyReader().feed(reply)
+    (parsed,) = ReplyStream().replies(reply)
     assert parsed.is_error
 
 
 def test_bulk_reply_round_trips():
-    (parsed,) = ReplyReader().feed(bulk_reply(b"b-123"))
+    (parsed,) = ReplyStream().replies(bulk_reply(b"b-123"))
     assert parsed.payload == b"b-123"
 
 
 @pytest.mark.parametrize("garbage", [b"$ 3\r\nabc\r\n", b"$1_0\r\n0123456789\r\n", b"%partial"])
 def test_loose_bulk_lengths_and_unknown_types_fail_at_once(garbage):
     with pytest.raises(ProtocolError):
-        ReplyReader().feed(garbage)
+        ReplyStream().replies(garbage)
+
+
+def test_a_run_is_framed_by_offsets_and_its_errors_found():
+    """The fast lane's framing (frame_run): how far `wanted` whole replies reach, which were errors."""
+    data = b"+OK\r\n-ERR nope\r\n$3\r\nabc\r\n:7\r\n$5\r\nab"
+    assert frame_run(data, 0, 10, 1024) == (len(data) - 6, 4, [1])  # the last bulk is incomplete
+    assert frame_run(data, 0, 2, 1024) == (16, 2, [1])
+    assert frame_run(data, 5, 1, 1024) == (16, 1, [0])
+    assert frame_run(b"+OK\r", 0, 1, 1024) == (0, 0, None)
+    with pytest.raises(ProtocolError):
+        frame_run(b"*1\r\n", 0, 1, 1024)
+
+
+@given(replies, st.lists(st.integers(0, 400), max_size=8))
+def test_a_run_frames_what_the_stream_frames(frames, cuts):
+    """frame_run and ReplyStream agree: one framer, two ways to hand out its frames."""
+    data = b"".join(frames)
+    end, framed, errors = frame_run(data, 0, len(frames) + 1, 64 * 2**20)
+    assert (end, framed) == (len(data), len(frames))
+    assert errors == ([i for i, f in enumerate(frames) if f.startswith(b"-")] or None)

@@ -11,7 +11,7 @@ from gateway.config import build
 from gateway.decisions import Forward
 from gateway.metrics import Metrics
 from gateway.session import RESET_ON_CLOSE, Session, SessionContext
-from tests.unit.test_pipeline import FakeTicket, ScriptedRules
+from tests.support.fakes import FakeTicket, ScriptedRules
 
 
 class FakeSocket:
@@ -161,7 +161,7 @@ def test_a_client_whose_backlog_passes_the_bound_is_closed_and_the_upstream_kept
     asyncio.run(scenario())
 
 
-def test_the_session_imports_neither_the_server_nor_the_guard():
+def test_the_session_imports_neither_the_server_nor_the_batch_rules():
     code = "import sys, gateway.session; print(sorted(m for m in sys.modules if m.startswith('gateway.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "gateway.server" not in loaded and "gateway.guard" not in loaded, loaded
+    assert "gateway.server" not in loaded and not any(m.startswith("gateway.batches") for m in loaded), loaded

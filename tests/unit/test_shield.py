@@ -14,12 +14,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import gotext, shield
+from gateway.batches.guard import BatchGuard
 from gateway.decisions import Respond
-from gateway.guard import BatchGuard
 from gateway.metrics import VERBS, Metrics
 from gateway.protocol import Command, bulk_reply
 from gateway.store.memory import MemoryStore
-from tests.unit.test_guard_playbook import DAY, FakeClient, answer, config, decide, reply_of
+from tests.support.fakes import FakeClient, settings
+from tests.support.playbook import answer, decide
+
+DAY = 86400.0
 
 PAYLOAD_VERBS = [b"PUSH", b"PUSHB", b"ACK", b"FAIL", b"BEAT"]
 ENDS = [b"\n", b"\r\n"]
@@ -114,7 +117,7 @@ def test_go_upper_case(word, upper):
 @pytest.fixture(params=["strict", "member-reopen", "shadow"])
 async def any_guard(request):
     store = MemoryStore(45 * DAY, 7 * DAY)
-    guard = BatchGuard(store, config(mode=request.param), Metrics())
+    guard = BatchGuard(store, settings(mode=request.param), Metrics())
     guard.start()
     yield guard
     await guard.close()
@@ -129,20 +132,20 @@ async def test_the_guard_answers_every_shielded_line_in_every_mode(any_guard):
     client = FakeClient(wid="w1")
     for text in ("PUSH", "ACK", "QUEUE", "QUEUE remove"):
         command = line(text)
-        decision = any_guard.decide(command, client)
+        decision = any_guard.decide(command, client, True)
         assert isinstance(decision, Respond) and decision.data == shield.judge(command).reply
         assert decision.result == "refused"
     assert shielded_count(any_guard, "QUEUE") == 2 and shielded_count(any_guard, "PUSH") == 1
-    assert any_guard.decide(line("QUEUE PAUSE q1"), client) is None
-    assert any_guard.decide(line("PUSH "), client) is None
+    assert any_guard.decide(line("QUEUE PAUSE q1"), client, True) is None
+    assert any_guard.decide(line("PUSH "), client, True) is None
 
 
 async def test_a_bare_ack_is_shielded_even_while_the_worker_holds_jobs():
     store = MemoryStore(45 * DAY, 7 * DAY)
-    guard = BatchGuard(store, config(mode="member-reopen"), Metrics())
+    guard = BatchGuard(store, settings(mode="member-reopen"), Metrics())
     client = FakeClient(wid="w1")
     await store.create("b-1")
     member = json.dumps({"jid": "j1", "jobtype": "x", "args": [], "custom": {"bid": "b-1"}}).encode()
-    await answer(await decide(guard, "FETCH q", client), reply_of(bulk_reply(member)))
-    assert guard.holdings.holds_any(guard._holder(client))  # ACK and FAIL are read now
-    assert isinstance(guard.decide(line("ACK"), client), Respond)
+    await answer(await decide(guard, "FETCH q", client), bulk_reply(member))
+    assert guard.workers.holds_any(client)  # ACK and FAIL are read now
+    assert isinstance(guard.decide(line("ACK"), client, True), Respond)

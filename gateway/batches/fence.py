@@ -35,9 +35,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .metrics import Metrics, counted
+from ..metrics import Metrics, counted
+from ..store import (
+    COMMITTED,
+    COMMITTING,
+    FIRED,
+    OPEN,
+    UNKNOWN,
+    BatchState,
+    BatchStore,
+    LeaseReply,
+    StoreError,
+)
 from .policy import refusal_lease_lost
-from .store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, LeaseReply, StoreError
 
 log = logging.getLogger("gateway.fence")
 
@@ -284,12 +294,14 @@ class Fence:
         lease.used = now
         return Ticket(self, lease)
 
-    async def admit(self, bid: str) -> tuple[BatchState, Ticket | None]:
+    async def admit(self, bid: str, local: bool = True) -> tuple[BatchState, Ticket | None]:
         """Admit one command into bid: (OPEN, ticket), or (the state that refuses it, None).
+        Without `local`, the caller has just tried `admit_locally` itself.
 
         Raises StoreError when the store cannot be asked."""
         while True:
-            ticket = self.admit_locally(bid)
+            ticket = self.admit_locally(bid) if local else None
+            local = True
             if ticket is not None:
                 return OPEN, ticket
             lease = self._leases.get(bid)

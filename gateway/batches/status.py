@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from .decisions import Client
-from .protocol import DOLLAR, MINUS, Reply
+from ..decisions import Client
+from ..protocol import DOLLAR, MINUS, Reply
 
 
 class Status:

@@ -12,7 +12,17 @@ from __future__ import annotations
 import time
 from itertools import islice
 
-from .store import BatchStore
+from ..decisions import Client
+from ..store import BatchStore
+
+
+def holder(client: Client) -> str | None:
+    """Holdings belong to a worker id *and* the address it connects from: a wid is whatever a
+    client says, and this stops a process elsewhere from borrowing a real worker's."""
+    if not client.wid:
+        return None
+    return f"{client.wid}@{client.peer.rpartition(':')[0]}"
+
 
 DEFAULT_RESERVATION = 1800.0  # Faktory's default reserve_for, for jobs that do not say
 PRUNE_EVERY = 256  # fetches between two prunings of expired local entries (bounded work)

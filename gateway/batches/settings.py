@@ -1,0 +1,19 @@
+"""What the batch rules are told of the configuration: a few typed values, not the whole Config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, Mode, OnStoreError, UnknownBatch
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    mode: Mode = Mode.STRICT
+    unknown_batch: UnknownBatch = UnknownBatch.VERIFY
+    on_store_error: OnStoreError = OnStoreError.REJECT
+    commit_fence_timeout: float = 5.0  # seconds
+
+    @classmethod
+    def of(cls, config: Config) -> RuleSettings:
+        return cls(config.mode, config.unknown_batch, config.on_store_error, config.commit_fence_timeout)
