@@ -28,13 +28,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.client import RawClient, job, push_line
+from tests.support.client import RawClient, job, push_line, uid
 from tests.support.locks import lock_pins, normalize
-from tests.support.processes import FaktoryServer, RedisServer, free_port
+from tests.support.processes import FaktoryServer, RedisServer, free_port, metric
 from tests.support.standin import StandinProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,16 +91,6 @@ def wait_until(what: str, predicate: Callable[[], object], timeout: float = 30.0
         time.sleep(0.2)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text, 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def new_batch(client: RawClient) -> str:
     bid = client.value("BATCH NEW " + json.dumps({"success": {"jobtype": "SmokeDone", "queue": "smoke-cb"}}))
     check(bid, "BATCH NEW returned no bid")
@@ -109,7 +98,7 @@ def new_batch(client: RawClient) -> str:
 
 
 def batch_push(client: RawClient, bid: str, queue: str) -> bytes:
-    return client.call(push_line(job(uuid.uuid4().hex, queue=queue, custom={"bid": bid})))
+    return client.call(push_line(job(uid(), queue=queue, custom={"bid": bid})))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +209,7 @@ def check_container_posture(gateway: Gateway) -> str:
 
 
 def check_push_and_fetch(gateway: Gateway) -> str:
-    queue, jid = "smoke-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+    queue, jid = "smoke-" + uid(), uid()
     with RawClient.connect(gateway.url) as client:
         check(client.call(push_line(job(jid, queue=queue))) == b"+OK\r\n", "PUSH through the gateway")
         fetched = client.json(f"FETCH {queue}")
@@ -230,7 +219,7 @@ def check_push_and_fetch(gateway: Gateway) -> str:
 
 
 def check_batch_refused(gateway: Gateway, standin: StandinProcess) -> str:
-    queue = "smoke-" + uuid.uuid4().hex[:8]
+    queue = "smoke-" + uid()
     with RawClient.connect(gateway.url) as client:
         bid = new_batch(client)
         check(batch_push(client, bid, queue) == b"+OK\r\n", "a push into the open batch")

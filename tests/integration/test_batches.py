@@ -10,16 +10,11 @@ import json
 import os
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from tests.support.client import CommandError, RawClient, job, push_line
+from tests.support.client import CommandError, RawClient, job, push_line, uid
 from tests.support.processes import REPO, GatewayProcess, RedisServer
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def new_batch(client: RawClient, parent: str | None = None, queue: str = "callbacks") -> str:

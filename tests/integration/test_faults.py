@@ -17,35 +17,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
 
 import pytest
 
-from tests.support.client import RawClient, ServerClosed, job, push_line
+from tests.support.client import RawClient, ServerClosed, job, push_line, uid
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, rss_kib
 from tests.support.standin import StandinProcess
 
 OK = b"+OK\r\n"
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = (
-        "^" + re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
-    )
-    match = re.search(pattern, text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def silent_for(client: RawClient, seconds: float) -> bool:
@@ -121,7 +107,7 @@ class Producer(threading.Thread):
             try:
                 if client is None:
                     client = self.connect()
-                jid = "crash-" + uuid.uuid4().hex
+                jid = "crash-" + uid()
                 self.attempted.add(jid)
                 reply = client.call(push_line(job(jid, queue=self.queue)))
                 if reply == OK:
@@ -268,7 +254,7 @@ def test_a_cut_upstream_closes_the_client_and_the_gateway_keeps_serving(proxied,
     assert fetch_jid(faktory.url, "after-" + queue) == jid
     assert gateway.http("/readiness") == (200, "ok\n")
     wait_until(
-        lambda: metric(gateway.http("/metrics")[1], "faktory_gateway_connections_active") == 0,
+        lambda: gateway.metric("faktory_gateway_connections_active") == 0,
         5,
         "the cut sessions to be gone",
     )
@@ -372,7 +358,7 @@ GARBAGE = {
     "endless bulk header": b"$" + b"9" * 100,
     "binary": b"\x00\xff\x13\r\n",
 }
-UPSTREAM_ERRORS = ("faktory_gateway_protocol_errors_total", 'side="upstream"')
+UPSTREAM_ERRORS = "faktory_gateway_protocol_errors_total"
 
 
 @pytest.mark.parametrize("when", ["handshake", "later"])
@@ -380,7 +366,7 @@ UPSTREAM_ERRORS = ("faktory_gateway_protocol_errors_total", 'side="upstream"')
 def test_a_server_that_answers_garbage_loses_that_client_only(nonsense, garbage, when):
     server, gateway = nonsense
     server.garbage = garbage
-    before = metric(gateway.http("/metrics")[1], *UPSTREAM_ERRORS)
+    before = gateway.metric(UPSTREAM_ERRORS, side="upstream")
     bystander = RawClient.connect(gateway.url)
     victim = RawClient(gateway.url)
     assert victim.read_raw() == b'+HI {"v":2}\r\n'
@@ -393,7 +379,7 @@ def test_a_server_that_answers_garbage_loses_that_client_only(nonsense, garbage,
         victim.send(b"NONSENSE\r\n")
     assert connection_closed(victim)
     victim.close()
-    after = metric(gateway.http("/metrics")[1], *UPSTREAM_ERRORS)
+    after = gateway.metric(UPSTREAM_ERRORS, side="upstream")
     assert after == before + 1
     assert "upstream sent bytes that are not RESP; closing" in gateway.text()
     # The gateway goes on: the connection that was open, and a new one.

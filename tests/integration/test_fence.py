@@ -12,12 +12,11 @@ import random
 import shutil
 import threading
 import time
-import uuid
 
 import pytest
 
 from gateway.batches.fence import LEASE_LIFE, VALID_FOR
-from tests.support.client import CommandError, RawClient, job, push_line
+from tests.support.client import CommandError, RawClient, job, push_line, uid
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import GatewayProcess, Process, RedisServer, free_port
 
@@ -53,7 +52,7 @@ def test_no_job_joins_a_batch_after_its_commit_across_two_gateways(standin, shar
                 nonlocal refused, accepted
                 start.wait()
                 for i in range(3):
-                    reply = client.call(push_line(job(f"r{round_}-{n}-{i}-{uuid.uuid4().hex[:6]}", queue="race",
+                    reply = client.call(push_line(job(f"r{round_}-{n}-{i}-{uid()}", queue="race",
                                                       custom={"bid": bid})))  # fmt: skip
                     with lock:
                         if reply == b"+OK\r\n":
@@ -93,16 +92,14 @@ def test_redis_restart_mid_traffic(standin):
     def plain_traffic():
         with RawClient.connect(gateway.url) as client:
             while not stop.is_set():
-                reply = client.call(push_line(job("p-" + uuid.uuid4().hex[:10], queue="plain-outage")))
+                reply = client.call(push_line(job("p-" + uid(), queue="plain-outage")))
                 plain["ok" if reply == b"+OK\r\n" else "failed"] += 1
 
     thread = threading.Thread(target=plain_traffic)
     try:
         with RawClient.connect(gateway.url) as client:
             bid = client.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
-            assert (
-                client.call(push_line(job("b-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
-            )
+            assert client.call(push_line(job("b-" + uid(), custom={"bid": bid}))) == b"+OK\r\n"
             thread.start()
             time.sleep(0.3)
             redis_server.stop()
@@ -110,7 +107,7 @@ def test_redis_restart_mid_traffic(standin):
             # admits until its local deadline; after that, batch pushes are refused.
             stopped = time.monotonic()
             while True:
-                reply = client.call(push_line(job("d-" + uuid.uuid4().hex[:10], custom={"bid": bid})))
+                reply = client.call(push_line(job("d-" + uid(), custom={"bid": bid})))
                 if reply != b"+OK\r\n":
                     break
                 assert time.monotonic() - stopped < VALID_FOR + 1, "admitted past the lease's deadline"
@@ -122,7 +119,7 @@ def test_redis_restart_mid_traffic(standin):
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    client.value(push_line(job("a-" + uuid.uuid4().hex[:10], custom={"bid": bid})))
+                    client.value(push_line(job("a-" + uid(), custom={"bid": bid})))
                     break
                 except CommandError:
                     assert time.monotonic() < deadline, "the gateway did not recover"
@@ -157,9 +154,7 @@ def test_fence_timeout_gives_a_retryable_refusal_and_the_batch_stays_open(standi
             first = time.monotonic()
             reply = client.call(f"BATCH COMMIT {bid}")
             assert reply.startswith(b"-ERR COMMIT_FENCE_TIMEOUT"), reply
-            assert (
-                client.call(push_line(job("j-" + uuid.uuid4().hex[:10], custom={"bid": bid}))) == b"+OK\r\n"
-            )
+            assert client.call(push_line(job("j-" + uid(), custom={"bid": bid}))) == b"+OK\r\n"
             timeouts = 1
             while (reply := client.call(f"BATCH COMMIT {bid}")) != b"+OK\r\n":
                 assert reply.startswith(b"-ERR COMMIT_FENCE_TIMEOUT"), reply
@@ -197,7 +192,7 @@ def test_ledger_behind_redis_sentinel(standin, tmp_path):
         with RawClient.connect(gateway.url) as client:
             bid = client.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
             assert client.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
-            assert client.call(push_line(job("s-" + uuid.uuid4().hex[:8], custom={"bid": bid}))).startswith(
+            assert client.call(push_line(job("s-" + uid(), custom={"bid": bid}))).startswith(
                 b"-ERR BATCH_COMMITTED"
             )
         with RawClient(f"tcp://127.0.0.1:{redis_server.port}") as raw:  # the record is in the master
@@ -222,7 +217,7 @@ def test_a_client_leaving_with_pushes_in_flight_does_not_block_the_commit(standi
             bid = committer.value('BATCH NEW {"success":{"jobtype":"Done","args":[]}}').decode()
             leaver = RawClient.connect(gateway.url)
             slow.delay(0.5)
-            leaver.send(push_line(job("l-" + uuid.uuid4().hex[:8], custom={"bid": bid})).encode() + b"\r\n")
+            leaver.send(push_line(job("l-" + uid(), custom={"bid": bid})).encode() + b"\r\n")
             time.sleep(0.1)
             leaver.close()  # gone before its reply came
             # Without the release, the lease would hold the commit past the 2 s fence.

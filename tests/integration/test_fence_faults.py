@@ -34,7 +34,6 @@ from tests.support.fence import (
     child,
     commit_until_ok,
     hold_push,
-    metric,
     new_batch,
     outcome,
     push,
@@ -199,7 +198,7 @@ def test_a_push_stalled_longer_than_a_lease_holds_the_commit_back_until_answered
     assert pushed == OK, pushed  # the stalled PUSH is answered, then the commit goes through
     assert_sealed(committer, bid)
     assert record["committed"] and record["total"] == 1, record
-    assert metric(gateway_a, "faktory_gateway_lease_aborts_total") == 0, logs(gateway_a)
+    assert gateway_a.metric("faktory_gateway_lease_aborts_total") == 0, logs(gateway_a)
 
 
 # --- the gateway loses its store, or is stopped or killed, with a command in flight ------------------
@@ -239,13 +238,13 @@ def test_a_gateway_cut_from_redis_resets_its_stalled_push_before_the_lease_expir
     assert record["joined_while_committed"] == 0 and record["total"] == earlier, (record, logs(gateway_a))
     assert reply is None, f"A's client got {reply!r}, not a closed connection\n" + logs(gateway_a)
     # Taken once, either way: the fast-lane PUSH was admitted without asking Redis.
-    assert metric(gateway_a, 'faktory_gateway_store_calls_total{operation="acquire"}') == 1
+    assert gateway_a.metric("faktory_gateway_store_calls_total", operation="acquire") == 1
     # The local deadline is at most VALID_FOR after the last renewal began, which was before the cut.
     assert closed - cut < VALID_FOR + 0.5, f"reset {closed - cut:.1f}s after the cut\n" + logs(gateway_a)
     assert closed < committed, "the commit went through before A had reset its connection"
     assert refusals, "the commit did not wait for A's lease"
     assert [chunk for chunk in upstream.dropped if held.encode() in chunk], upstream.dropped
-    assert metric(gateway_a, "faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
+    assert gateway_a.metric("faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
 
 
 def test_a_gateway_stopped_for_longer_than_a_lease_resets_its_push_when_it_wakes(world):
@@ -273,7 +272,7 @@ def test_a_gateway_stopped_for_longer_than_a_lease_resets_its_push_when_it_wakes
     assert record["joined_while_committed"] == 0 and record["total"] == 0, (record, logs(gateway_a))
     assert reply is None, f"A's client got {reply!r}, not a closed connection\n" + logs(gateway_a)
     assert [chunk for chunk in proxy.dropped if held.encode() in chunk], logs(gateway_a)
-    assert metric(gateway_a, "faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
+    assert gateway_a.metric("faktory_gateway_lease_aborts_total") >= 1, logs(gateway_a)
 
 
 def test_a_gateway_killed_with_a_push_in_flight_lets_nothing_join_late(world):

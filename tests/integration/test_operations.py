@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import threading
 import time
-import uuid
 
-from tests.support.client import RawClient, ServerClosed, job, push_line
-from tests.support.processes import GatewayProcess, free_port, rss_kib
-
-
-def metric(text: str, name: str, labels: str = "") -> float:
-    pattern = (
-        "^" + re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
-    )
-    match = re.search(pattern, text, re.MULTILINE)
-    assert match, f"{name}{{{labels}}} not exposed"
-    return float(match.group(1))
+from tests.support.client import RawClient, ServerClosed, job, push_line, uid
+from tests.support.processes import GatewayProcess, free_port, metric, rss_kib
 
 
 def test_probes(faktory):
@@ -56,7 +45,7 @@ def test_readiness_fails_at_the_connection_limit_and_extra_clients_get_an_error(
         assert gateway.http("/readiness")[0] == 200
         second.close()
         text = gateway.http("/metrics")[1]
-        assert metric(text, "faktory_gateway_connections_refused_total", 'reason="max_connections"') == 1
+        assert metric(text, "faktory_gateway_connections_refused_total", reason="max_connections") == 1
     finally:
         gateway.stop()
 
@@ -65,19 +54,19 @@ def test_metrics_move_with_traffic(faktory):
     gateway = GatewayProcess(faktory.url).start()
     try:
         before = gateway.http("/metrics")[1]
-        queue = "m-" + uuid.uuid4().hex[:8]
+        queue = "m-" + uid()
         with RawClient.connect(gateway.url) as client:
             for i in range(5):
-                client.call(push_line(job(f"m-{i}-{uuid.uuid4().hex[:8]}", queue=queue)))
+                client.call(push_line(job(f"m-{i}-{uid()}", queue=queue)))
             client.call("NOPE")
             client.call("FETCH " + queue)
             text = gateway.http("/metrics")[1]
             assert metric(text, "faktory_gateway_connections_active") == 1
-        assert metric(before, "faktory_gateway_commands_total", 'result="ok",verb="PUSH"') == 0
-        assert metric(text, "faktory_gateway_commands_total", 'result="ok",verb="PUSH"') == 5
-        assert metric(text, "faktory_gateway_commands_total", 'result="error",verb="other"') == 1
-        assert metric(text, "faktory_gateway_commands_total", 'result="ok",verb="FETCH"') == 1
-        assert metric(text, "faktory_gateway_command_duration_seconds_count", 'verb="PUSH"') == 5
+        assert metric(before, "faktory_gateway_commands_total", result="ok", verb="PUSH") == 0
+        assert metric(text, "faktory_gateway_commands_total", result="ok", verb="PUSH") == 5
+        assert metric(text, "faktory_gateway_commands_total", result="error", verb="other") == 1
+        assert metric(text, "faktory_gateway_commands_total", result="ok", verb="FETCH") == 1
+        assert metric(text, "faktory_gateway_command_duration_seconds_count", verb="PUSH") == 5
         assert metric(text, "faktory_gateway_added_latency_seconds_count") >= 8
         assert metric(text, "faktory_gateway_client_received_bytes_total") > 500
         assert metric(text, "faktory_gateway_client_sent_bytes_total") > 100
@@ -94,7 +83,7 @@ def test_sigterm_drains_in_flight_commands_then_exits_zero(faktory):
     gateway = GatewayProcess(faktory.url, env={"FAKTORY_GATEWAY_SHUTDOWN_MIN_DELAY": "1s"}).start()
     idle = RawClient.connect(gateway.url)
     busy = RawClient.connect(gateway.url)
-    queue = "drain-" + uuid.uuid4().hex[:8]
+    queue = "drain-" + uid()
     busy.send(f"FETCH {queue}\r\n".encode())  # blocks ~2 s on the server
     time.sleep(0.2)
     gateway.send_signal(signal.SIGTERM)
@@ -102,7 +91,7 @@ def test_sigterm_drains_in_flight_commands_then_exits_zero(faktory):
     assert gateway.http("/readiness")[0] == 503
     # During min_delay the gateway still accepts and serves new clients.
     with RawClient.connect(gateway.url) as late:
-        assert late.call(push_line(job("late-" + uuid.uuid4().hex[:8], queue=queue + "-x"))) == b"+OK\r\n"
+        assert late.call(push_line(job("late-" + uid(), queue=queue + "-x"))) == b"+OK\r\n"
     assert busy.read_raw() == b"$-1\r\n"  # the in-flight FETCH got its real reply
     assert busy.is_closed(timeout=5) and idle.is_closed(timeout=5)
     assert gateway.proc.wait(10) == 0
@@ -116,7 +105,7 @@ def test_drain_cut_at_max_delay_exits_3_unless_told_otherwise(faktory):
             "FAKTORY_GATEWAY_SHUTDOWN_EXIT_ZERO_ON_SIGTERM": exit_zero,
         }).start()  # fmt: skip
         client = RawClient.connect(gateway.url)
-        client.send(b"FETCH never-" + uuid.uuid4().hex.encode() + b"\r\n")
+        client.send(b"FETCH never-" + uid().encode() + b"\r\n")
         time.sleep(0.1)
         gateway.send_signal(signal.SIGTERM)
         assert gateway.proc.wait(10) == expected
@@ -162,10 +151,8 @@ def test_refusals_are_logged_once_with_the_audit_fields(faktory):
     gateway = GatewayProcess(faktory.url, env={"FAKTORY_GATEWAY_UNKNOWN_BATCH": "reject"}).start()
     try:
         with RawClient.connect(gateway.url, wid="audit-wid") as client:
-            secret = "personal-data-" + uuid.uuid4().hex[:6]
-            reply = client.call(
-                push_line(job("a-" + uuid.uuid4().hex[:8], args=[secret], custom={"bid": "b-audit"}))
-            )
+            secret = "personal-data-" + uid()
+            reply = client.call(push_line(job("a-" + uid(), args=[secret], custom={"bid": "b-audit"})))
             assert reply.startswith(b"-ERR BATCH_UNKNOWN")
         line = gateway.wait_for_line('"refused"')
     finally:

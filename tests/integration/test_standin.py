@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from datetime import UTC, datetime
 
 import pytest
 
-from tests.support.client import CommandError, RawClient, job, push_line
+from tests.support.client import CommandError, RawClient, job, push_line, uid
 from tests.support.processes import FaktoryServer
 from tests.support.standin import StandinProcess
 
@@ -40,10 +39,6 @@ def client(standin):
     """One connection that produces and, with its wid, also fetches and ACKs."""
     with RawClient.connect(standin.url, wid="w-" + uid()) as connection:
         yield connection
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def new_batch(client: RawClient, **spec) -> str:

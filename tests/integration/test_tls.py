@@ -16,19 +16,14 @@ import ssl
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.support.client import RawClient, ServerClosed, job, push_line
+from tests.support.client import RawClient, ServerClosed, job, push_line, uid
 from tests.support.processes import REPO, FaktoryServer, GatewayProcess, Process, RedisServer, free_port
 
 OK = b"+OK\r\n"
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def openssl(*args: str, cwd: Path) -> None:

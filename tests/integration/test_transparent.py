@@ -13,11 +13,10 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
-from tests.support.client import RawClient, ServerClosed, job, push_line
+from tests.support.client import RawClient, ServerClosed, job, push_line, uid
 from tests.support.processes import REPO, FaktoryServer, GatewayProcess, rss_kib
 
 VOLATILE = re.compile(
@@ -57,7 +56,7 @@ def differential(faktory, gateway, script, wid=None):
 
 
 def jid() -> str:
-    return uuid.uuid4().hex[:16]
+    return uid()
 
 
 def test_greeting_and_handshake_are_relayed(faktory, gateway):
@@ -67,7 +66,7 @@ def test_greeting_and_handshake_are_relayed(faktory, gateway):
 
 
 def test_core_commands_reply_as_the_server_does(faktory, gateway):
-    wid = "w" + uuid.uuid4().hex[:10]
+    wid = "w" + uid()
 
     def script():
         a, b, c = "jid-aaaa-0001", "jid-bbbb-0002", "jid-cccc-0003"
@@ -365,7 +364,7 @@ DEEP = b"[" * 5000 + b"]" * 5000  # Go decodes 10,000 levels, Python's decoder a
 )
 def test_jobs_the_server_accepts_pass_unchanged(faktory, gateway, body):
     line = b'PUSH {"jid":"accepted-%s","jobtype":"x","queue":"accepted",%s}' % (
-        uuid.uuid4().hex[:8].encode(),
+        uid().encode(),
         body,
     )
     direct, through = differential(faktory, gateway, lambda: [line, b"FETCH accepted"])

@@ -9,13 +9,13 @@ ledger's ends them (the Redis scripts never call TIME).
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
 from gateway.store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, StoreError
 from gateway.store.memory import DRAIN_EVERY, DRAIN_STEP, EXPIRE_PER_CALL, MemoryStore
 from gateway.store.redis import RedisStore
+from tests.support.client import uid
 from tests.support.processes import free_port
 
 COMMITTED_RETENTION, FIRED_RETENTION = 1.2, 0.6
@@ -50,13 +50,13 @@ async def ledger(request):
         yield Ledger(MemoryStore(COMMITTED_RETENTION, FIRED_RETENTION, clock=clock), clock)
         return
     server = request.getfixturevalue("redis_server")
-    store = RedisStore(server.url, f"test-{uuid.uuid4().hex[:6]}:", COMMITTED_RETENTION, FIRED_RETENTION)
+    store = RedisStore(server.url, f"test-{uid()}:", COMMITTED_RETENTION, FIRED_RETENTION)
     yield Ledger(store, None)
     await store.close()
 
 
 def new_bid() -> str:
-    return "b-" + uuid.uuid4().hex[:14]
+    return "b-" + uid()
 
 
 async def committed_batch(store) -> str:

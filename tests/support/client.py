@@ -9,6 +9,7 @@ import hashlib
 import json
 import socket
 import ssl
+import uuid
 from urllib.parse import urlsplit
 
 
@@ -126,6 +127,11 @@ class RawClient:
 
 class CommandError(Exception):
     """The server (or the gateway) answered -ERR; the message is the text after the dash."""
+
+
+def uid() -> str:
+    """A fresh 12-character id for a test's jids, queues and workers (unique per test run)."""
+    return uuid.uuid4().hex[:12]
 
 
 def job(jid: str, jobtype: str = "TestJob", queue: str = "default", **fields) -> dict:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from tests.support.client import RawClient, job, push_line
+from tests.support.client import RawClient, job, push_line, uid
 from tests.support.processes import FaktoryServer, GatewayProcess, Process
 from tests.support.standin import StandinProcess
 
@@ -53,10 +52,6 @@ def outcome(reply: bytes) -> str:
     text = reply[1:].decode(errors="replace").strip()
     words = text.removeprefix("ERR ").split()
     return f"refused {words[0]}" if words and words[0].isupper() else f"refused ({text})"
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:10]
 
 
 def step(client: RawClient, line: str) -> bytes:

@@ -7,21 +7,14 @@ gateway's view of itself.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-import uuid
 
-from tests.support.client import RawClient, ServerClosed, job, push_line
+from tests.support.client import RawClient, ServerClosed, job, push_line, uid
 from tests.support.faultproxy import FaultProxy
-from tests.support.processes import GatewayProcess
 
 OK = b"+OK\r\n"
 SPEC = {"success": {"jobtype": "Done", "args": [], "queue": "fence-faults-cb"}}
-
-
-def uid() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def push(bid: str, jid: str | None = None) -> bytes:
@@ -39,14 +32,6 @@ def new_batch(client: RawClient) -> str:
 def call(client: RawClient, line: bytes) -> bytes:
     client.send(line)
     return client.read_raw()
-
-
-def metric(gateway: GatewayProcess, name: str) -> float:
-    """A sample of the gateway's /metrics, by its full name with labels; fails if it is missing."""
-    text = gateway.http("/metrics")[1]
-    match = re.search("^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match is not None, f"no metric {name} in /metrics"
-    return float(match.group(1))
 
 
 def wait_until(condition, timeout: float, what: str) -> None:

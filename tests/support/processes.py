@@ -7,6 +7,7 @@ is ready, and stops it. Nothing here is mocked: the tests talk to the same binar
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition, by its name and labels (in any order). Fails
+    when it is missing: a test that reads 0 for a metric the gateway never exposed proves nothing."""
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric_name, _, label_text = sample.partition("{")
+        if metric_name == name and dict(re.findall(r'(\w+)="([^"]*)"', label_text)) == labels:
+            return float(value)
+    raise AssertionError(f"no sample {name}{labels or ''} in the metrics")
 
 
 def rss_kib(pid: int) -> int:
@@ -265,6 +277,10 @@ class GatewayProcess(Process):
             return self.http(path, method)[0]
         except OSError:
             return None
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of this gateway's /metrics now (see `metric`)."""
+        return metric(self.http("/metrics")[1], name, **labels)
 
     def http(self, path: str, method: str = "GET") -> tuple[int, str]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
