@@ -131,16 +131,19 @@ class LogLevel(enum.StrEnum):
     ERROR = "error"
 
 
-def one_of(choices: type[enum.StrEnum]) -> Callable[[Any], enum.StrEnum]:
-    def parse(value: Any) -> enum.StrEnum:
+class one_of:
+    """Parses one of an enum's values; `choices` are shown in --help."""
+
+    def __init__(self, choices: type[enum.StrEnum]):
+        self.enum = choices
+        self.choices = tuple(choices)
+
+    def __call__(self, value: Any) -> enum.StrEnum:
         text = str(value).strip()
         try:
-            return choices(text)
+            return self.enum(text)
         except ValueError:
-            raise ValueError("allowed: " + ", ".join(choices)) from None
-
-    parse.choices = tuple(choices)  # shown in --help
-    return parse
+            raise ValueError("allowed: " + ", ".join(self.choices)) from None
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,13 @@ class Config:
     http: HTTP = field(default_factory=HTTP)
     shutdown: Shutdown = field(default_factory=Shutdown)
     log: Log = field(default_factory=Log)
+
+    @property
+    def faktory(self) -> UpstreamURL:
+        """The Faktory server to proxy (`upstream`), which `load` requires."""
+        if self.upstream is None:
+            raise ConfigError("upstream: required (the Faktory server's URL)")
+        return self.upstream
 
     def describe(self) -> dict[str, str]:
         """Every setting as text, secrets redacted: for the start-up log line."""

@@ -7,7 +7,7 @@ can be driven in tests by a fake client and the pipeline by fake decisions.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, final
 
 from .protocol import Command, Reply
 
@@ -30,6 +30,10 @@ class Ticket(Protocol):
     def lost(self) -> None: ...
 
 
+# Final, so that `type(x) is Forward` (faster than isinstance on the hot path) narrows types too.
+
+
+@final
 class Forward:
     """Send `data` upstream; `on_reply` (if any) turns the server's reply into the client's.
 
@@ -52,6 +56,7 @@ class Forward:
         self.linger = linger or ticket is not None
 
 
+@final
 class Respond:
     """Answer the client with `data` and send nothing upstream."""
 
@@ -62,6 +67,7 @@ class Respond:
         self.result = result
 
 
+@final
 class Later:
     """A decision that needs the store or the server first. The pipeline holds the connection's
     later commands back, in order, until `work()` gives the decision.
@@ -73,15 +79,17 @@ class Later:
 
     __slots__ = ("barrier", "work")
 
-    def __init__(self, work: Callable[[], Awaitable[Decision]], barrier: bool = False):
+    def __init__(self, work: Callable[[], Awaitable[Settled]], barrier: bool = False):
         self.work = work
         self.barrier = barrier
 
 
 # None: forward the command as it came, with no reply handler.
-Decision = Forward | Respond | Later | None
+Settled = Forward | Respond | None
+Decision = Settled | Later
 
 
+@final
 class Admitted:
     """The fast lane's answer for a one-line batch PUSH that this gateway's lease admits without
     asking anyone: forward the chunk as it is, the ticket ended by its reply."""
@@ -92,6 +100,7 @@ class Admitted:
         self.ticket = ticket
 
 
+@final
 class Decided:
     """The fast lane read the chunk's one command and decided it already: carry `decision` out
     (nothing is read twice, and local admission is tried once)."""
@@ -103,6 +112,7 @@ class Decided:
         self.decision = decision
 
 
+@final
 class Lane:
     """The fast lane's two other answers, as named constants."""
 

@@ -7,11 +7,15 @@ are the gateway's own constants. No jid, bid, wid, queue or address ever becomes
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from . import __version__, shield
+
+T = TypeVar("T")
 
 NAMESPACE = "faktory_gateway"
 
@@ -158,7 +162,7 @@ class HotPathStats:
         )
 
 
-async def counted(metrics: Metrics, operation: str, awaitable):
+async def counted(metrics: Metrics, operation: str, awaitable: Awaitable[T]) -> T:
     """Await one store call, counting it, and its failure, under `operation`."""
     metrics.store_calls.labels(operation).inc()
     try:

@@ -94,7 +94,7 @@ class Ops:
     async def _upstream_reachable(self) -> bool:
         if time.monotonic() - self._upstream_checked < UPSTREAM_CHECK_INTERVAL:
             return self._upstream_ok
-        upstream = self.config.upstream
+        upstream = self.config.faktory
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(upstream.host, upstream.port),

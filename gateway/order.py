@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, cast
 
 from .decisions import Client, ReplyHandler
 from .entries import Owed, Question, Run, Slot
@@ -120,8 +120,8 @@ class ReplyOrder:
         self.replies.keep(data, pos)
         if not waiting and self._when_answered:
             callbacks, self._when_answered = self._when_answered, []
-            for answered, _ in callbacks:
-                answered()
+            for on_answered, _ in callbacks:
+                on_answered()
         self.flush()
 
     def _on_reply(self, reply: Reply, now: float) -> None:
@@ -137,23 +137,25 @@ class ReplyOrder:
         if type(owed) is Question:
             owed.answer(reply)
             return
-        if owed.ticket is not None:  # type: ignore[union-attr]
-            owed.ticket.answered()  # type: ignore[union-attr]
-        slot = owed.slot  # type: ignore[union-attr]
+        # A Run is never answered here: on_server_data frames its replies where it heads the queue.
+        owed = cast(Owed, owed)
+        if owed.ticket is not None:
+            owed.ticket.answered()
+        slot = owed.slot
         slot.upstream_time = now - slot.sent
         if reply.is_error:
             slot.result = "error"
-        if owed.on_reply is None:  # type: ignore[union-attr]
+        if owed.on_reply is None:
             slot.data = reply.raw
             return
-        outcome = owed.on_reply(reply)  # type: ignore[union-attr]
-        if type(outcome) is bytes:
+        outcome = owed.on_reply(reply)
+        if isinstance(outcome, bytes):
             slot.data = outcome
         else:
             slot.pending = True
-            self.spawn(self._finish_reply(slot, outcome))  # type: ignore[arg-type]
+            self.spawn(self._finish_reply(slot, outcome))
 
-    async def _finish_reply(self, slot: Slot, outcome) -> None:
+    async def _finish_reply(self, slot: Slot, outcome: Awaitable[bytes]) -> None:
         try:
             slot.data = await outcome
         except Exception:

@@ -34,14 +34,16 @@ from typing import Any, Protocol
 from .chunks import FULL_PATH_VERBS, verbs_of
 from .decisions import (
     FULL_PATH,
-    UNCHECKED,
     Admitted,
     Client,
+    Decided,
     Decision,
     Forward,
     Later,
     ReplyHandler,
+    Respond,
     Route,
+    Settled,
     Ticket,
 )
 from .entries import Owed, Question, Run, Slot
@@ -155,7 +157,7 @@ class Pipeline:
                 chunk = data if end == len(data) else data[:end]
                 verbs = verbs_of(chunk)
                 # END (no reply) and the lines the server crashes on never take the fast lane.
-                route = FULL_PATH
+                route: Route = FULL_PATH
                 if FULL_PATH_VERBS.isdisjoint(verbs):
                     route = self.rules.route(verbs, chunk, self.client, not self.waiting)
                 if route is not FULL_PATH:
@@ -167,16 +169,16 @@ class Pipeline:
             self._on_command(command, now)
 
     def _routed(self, route: Route, verbs: list[bytes], chunk: bytes, now: float) -> None:
-        if route is UNCHECKED:
-            self._run(verbs, chunk, now, None)
-        elif type(route) is Admitted:
+        if type(route) is Admitted:
             if route.ticket.writable():  # checked right before the write, as on the full path
                 self._run(verbs, chunk, now, [route.ticket])
             else:  # its lease's deadline passed this very moment: not sent, decided afresh
                 route.ticket.answered()
                 self._on_command(Command.parse(chunk), now)
-        else:
-            self._decided(route.command, now, route.decision)  # type: ignore[union-attr]
+        elif type(route) is Decided:
+            self._decided(route.command, now, route.decision)
+        else:  # UNCHECKED
+            self._run(verbs, chunk, now, None)
 
     def _run(self, verbs: list[bytes], chunk: bytes, now: float, tickets: list[Ticket] | None) -> None:
         """Forward a chunk as it came; one Run owes its replies."""
@@ -232,16 +234,24 @@ class Pipeline:
                 self.phase = READY
             self.wake()
 
-    async def _work_out(self, later: Later) -> Decision:
+    async def _work_out(self, later: Later) -> Settled:
         if later.barrier and self.waiting:
             # The fence's barrier: nothing sent upstream before this command may be unanswered.
             # If the upstream is lost first, the future is cancelled and so is this task.
-            future = asyncio.get_running_loop().create_future()
-            self.order.when_answered(lambda: future.done() or future.set_result(None), future.cancel)
-            await future
+            answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def done() -> None:
+                if not answered.done():
+                    answered.set_result(None)
+
+            def lost() -> None:
+                answered.cancel()
+
+            self.order.when_answered(done, lost)
+            await answered
         return await later.work()
 
-    def _apply(self, command: Command, received: float, decision: Decision) -> None:
+    def _apply(self, command: Command, received: float, decision: Settled) -> None:
         """Carry out a decision; None means forward the command as it came."""
         if decision is None:
             self._forward(command, received, command.raw, None, None, False)
@@ -251,8 +261,8 @@ class Pipeline:
             )
         else:
             slot = Slot(verb_label(command.verb), received)
-            slot.data = decision.data  # type: ignore[union-attr]
-            slot.result = decision.result  # type: ignore[union-attr]
+            slot.data = decision.data
+            slot.result = decision.result
             self.slots.append(slot)
             self.order.in_flight += 1
             self.order.flush()

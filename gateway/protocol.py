@@ -130,7 +130,7 @@ class Reply:
 PLUS, MINUS, COLON, DOLLAR = b"+-:$"
 
 
-def frame_end(data: bytes, start: int, max_bulk: int) -> int:
+def frame_end(data: bytes | bytearray, start: int, max_bulk: int) -> int:
     """Where the RESP frame that begins at `start` ends: an offset past its last byte.
 
     An offset beyond `len(data)` means the frame is incomplete; for a bulk string it is exactly

@@ -21,7 +21,7 @@ log = logging.getLogger("gateway.server")
 
 
 def upstream_ssl_context(config: Config) -> ssl.SSLContext | None:
-    if not config.upstream.tls:
+    if not config.faktory.tls:
         return None
     context = ssl.create_default_context(cafile=config.upstream_tls.ca_file or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -46,7 +46,8 @@ class _Refuse(asyncio.Protocol):
     def __init__(self, reply: bytes):
         self.reply = reply
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
         transport.write(self.reply)
         transport.close()
 
@@ -83,7 +84,7 @@ class Server:
         )
 
     async def _dial(self, protocol_factory) -> asyncio.Transport:
-        upstream = self.config.upstream
+        upstream = self.config.faktory
         transport, _ = await asyncio.wait_for(
             asyncio.get_running_loop().create_connection(
                 protocol_factory,
@@ -107,6 +108,8 @@ class Server:
 
     @property
     def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the server has not started")
         return self._listener.sockets[0].getsockname()[:2]
 
     def _accept(self) -> asyncio.Protocol:

@@ -67,10 +67,12 @@ class _Upstream(asyncio.Protocol):
     """The upstream side of a session: hands everything to the session."""
 
     __slots__ = ("data_received", "session")
+    # The session's own method, bound as this protocol's: one call less per read.
+    data_received: Callable[[bytes], None]  # type: ignore[assignment]
 
     def __init__(self, session: Session):
         self.session = session
-        self.data_received = session.upstream_data  # one call less per read
+        self.data_received = session.upstream_data
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.upstream_lost(exc)
@@ -102,7 +104,7 @@ class Session(asyncio.Protocol):
             abort=self.abort_upstream,
             fail=self.close,
         )
-        self.client: asyncio.Transport | None = None
+        self.client: asyncio.Transport  # set by connection_made, which asyncio calls first
         self.upstream: asyncio.Transport | None = None
         self.peer = "?"
         self.wid: str | None = None  # what the client's HELLO said (the rules note it)
@@ -135,14 +137,18 @@ class Session(asyncio.Protocol):
             if not future.done():
                 future.set_result(reply)
 
-        self.pipeline.ask(line, answer, future.cancel)
+        def lost() -> None:
+            future.cancel()
+
+        self.pipeline.ask(line, answer, lost)
         self._pump()
         return await future
 
     # ------------------------------------------------------------------------------------------
     # Client side
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
         self.client = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -200,11 +206,12 @@ class Session(asyncio.Protocol):
         pipeline = self.pipeline
         out = pipeline.server_out
         if out:
-            if pipeline.resets_on_close and not self._resets_on_close:
-                self._reset_on_close()  # before the first ticketed command is written
             data = take(out)
-            if self.upstream is not None and pipeline.upstream_open:
-                self.upstream.write(data)
+            upstream = self.upstream
+            if upstream is not None and pipeline.upstream_open:
+                if pipeline.resets_on_close and not self._resets_on_close:
+                    self._reset_on_close(upstream)  # before the first ticketed command is written
+                upstream.write(data)
                 if self._upstream_paused and pipeline.must_read_server():
                     self._resume_upstream()  # an admitted command's reply must be read, whatever the client does
         out = pipeline.client_out
@@ -223,9 +230,9 @@ class Session(asyncio.Protocol):
         if self.draining or not pipeline.upstream_open:
             self._close_if_done()
 
-    def _reset_on_close(self) -> None:
+    def _reset_on_close(self, upstream: asyncio.Transport) -> None:
         self._resets_on_close = True
-        sock = self.upstream.get_extra_info("socket")
+        sock = upstream.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
 
@@ -234,7 +241,7 @@ class Session(asyncio.Protocol):
         command must not reach the server late) and close the client, which sees a broken
         connection, never a made-up reply."""
         if self.upstream is not None and self.pipeline.upstream_open:
-            self._reset_on_close()
+            self._reset_on_close(self.upstream)
             self.upstream.abort()
         self.close()
 
@@ -252,7 +259,7 @@ class Session(asyncio.Protocol):
             self.close()
             return
         if self.closed:  # the client left; only owed lease releases kept the upstream open
-            if not self.pipeline.must_read_server():
+            if self.upstream is not None and not self.pipeline.must_read_server():
                 self.upstream.close()
             return
         self._pump()
@@ -265,7 +272,7 @@ class Session(asyncio.Protocol):
 
     def upstream_lost(self, exc: Exception | None) -> None:
         self.pipeline.upstream_lost()
-        if self.client is not None and not self.client.is_closing():
+        if not self.client.is_closing():
             self._pump()
             self._close_if_done()
         else:
@@ -280,7 +287,7 @@ class Session(asyncio.Protocol):
     # Flow control and closing
 
     def pause_client(self, reason: str) -> None:
-        if not self._pauses and self.client is not None and not self.closed:
+        if not self._pauses and not self.closed:
             self.client.pause_reading()
         self._pauses.add(reason)
 
@@ -345,8 +352,7 @@ class Session(asyncio.Protocol):
         self.pipeline.close()
         if self._handshake_timer:
             self._handshake_timer.cancel()
-        if self.client is not None:
-            self.client.close()
+        self.client.close()
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()

@@ -24,7 +24,7 @@ def count(done: list[Slot | Run], now: float, command_done: CommandDone) -> None
                 _count_run(entry, now, command_done)
         else:
             elapsed = now - entry.received
-            command_done(entry.verb, entry.result, elapsed, elapsed - entry.upstream_time)  # type: ignore[arg-type]
+            command_done(entry.verb or "other", entry.result, elapsed, elapsed - entry.upstream_time)
 
 
 def _count_run(run: Run, now: float, command_done: CommandDone) -> None:

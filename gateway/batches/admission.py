@@ -69,7 +69,7 @@ class Admission:
             return self._too_large(command, client, None)
         return Later(functools.partial(self._push_bulk_into, read, command, client), barrier=True)
 
-    async def _push_bulk_into(self, read: list[jobs.BulkJob], command: Command, client: Client) -> Decision:
+    async def _push_bulk_into(self, read: list[jobs.BulkJob], command: Command, client: Client) -> Settled:
         """Admit each batch once; refuse only the jobs whose batch refuses (or that carry a
         reserved key); forward the rest as one PUSHB, and merge the refusals into its reply."""
         outcomes = self.outcomes
@@ -99,7 +99,7 @@ class Admission:
             outcomes.refuse(refusal, command, client, bid)  # logs and counts once per batch
         group = TicketGroup.of(tickets)
         verdicts = [
-            policy.refusal_reserved(job.reserved) if job.reserved else refusals.get(bid)  # type: ignore[arg-type]
+            policy.refusal_reserved(job.reserved) if job.reserved else refusals.get(bid) if bid else None
             for job, bid in zip(read, bids, strict=True)
         ]
         if not any(verdicts) or self.settings.mode == Mode.SHADOW:

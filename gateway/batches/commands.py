@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from .. import gotext
 from ..config import Mode, UnknownBatch
-from ..decisions import Client, Decision, Forward, Later
+from ..decisions import Client, Decision, Forward, Later, Settled
 from ..protocol import DOLLAR, Command, Reply
 from ..store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchStore, StoreError
 from . import jobs, policy
@@ -115,15 +115,15 @@ class BatchCommands:
     def _open(self, bid: str, command: Command, client: Client) -> Decision:
         return Later(functools.partial(self._judge_open, bid, command, client))
 
-    async def _judge_open(self, bid: str, command: Command, client: Client) -> Decision:
+    async def _judge_open(self, bid: str, command: Command, client: Client) -> Settled:
         outcomes, mode = self.outcomes, self.settings.mode
         try:
             state = await self.fence.state(bid)
             if state == UNKNOWN:
-                state = await self.admission.judge_unknown(bid, client)
-                if state is None or state == OPEN:
+                judged = await self.admission.judge_unknown(bid, client)
+                if judged is None or judged == OPEN:
                     return Forward(command.raw)
-                return outcomes.refuse(outcomes.sealed(bid, state, nest=False), command, client, bid)
+                return outcomes.refuse(outcomes.sealed(bid, judged, nest=False), command, client, bid)
             member = False
             worker = holder(client)
             if state == COMMITTED and mode == Mode.MEMBER_REOPEN and worker:
@@ -154,7 +154,7 @@ class BatchCommands:
     def _commit(self, bid: str, command: Command, client: Client) -> Decision:
         return Later(functools.partial(self._fence_commit, bid, command, client))
 
-    async def _fence_commit(self, bid: str, command: Command, client: Client) -> Decision:
+    async def _fence_commit(self, bid: str, command: Command, client: Client) -> Settled:
         attempt = self.fence.new_attempt()
         timeout = self.settings.commit_fence_timeout
         try:

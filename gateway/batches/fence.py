@@ -308,10 +308,12 @@ class Fence:
             if lease is None or lease.acquiring is None or lease.acquiring.is_set():
                 break
             await lease.acquiring.wait()  # one acquire per lease: share its answer
-            if isinstance(lease.outcome, StoreError):
-                raise StoreError(str(lease.outcome))
-            if lease.outcome != OPEN:
-                return await self._refused(bid, lease.outcome)
+            outcome = lease.outcome
+            if isinstance(outcome, StoreError):
+                raise StoreError(str(outcome))
+            assert outcome is not None  # set before `acquiring` is
+            if outcome != OPEN:
+                return await self._refused(bid, outcome)
         # A new lease, under a token of its own. Registered before asking, with no deadline yet:
         # a seal heard meanwhile finds it. The lease it replaces (sealed, or past its deadline)
         # stays live, and renewed, until what was admitted under it is answered.
@@ -508,9 +510,10 @@ class Fence:
             counted(self.metrics, "commit_go", self.store.commit_go(bid, attempt, watch.lapsed(bid), adopt)),
             return_exceptions=True,
         )
-        for outcome in (begun, go):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if isinstance(begun, BaseException):
+            raise begun
+        if isinstance(go, BaseException):
+            raise go
         if begun == UNKNOWN and not adopt:
             return CommitStart.UNKNOWN
         if begun in (COMMITTED, FIRED):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..gotext import fold_key
@@ -137,7 +138,10 @@ def bulk_line(payload: bytes, keep: list[bool]) -> bytes:
     """The PUSHB line of the jobs of `payload` (a list read by read_bulk) that `keep` marks,
     each as the client's own bytes."""
     text = _text(payload)
-    kept = [text[start:end] for (_, start, end), wanted in zip(_elements(text), keep, strict=True) if wanted]
+    elements = _elements(text)
+    if elements is None:
+        raise ValueError("bulk_line needs the payload of a PUSHB that read_bulk read as a list")
+    kept = [text[start:end] for (_, start, end), wanted in zip(elements, keep, strict=True) if wanted]
     return b"PUSHB [" + ",".join(kept).encode("utf-8", "surrogateescape") + b"]\r\n"
 
 
@@ -182,7 +186,8 @@ _SPACES = re.compile(r"[ \t\n\r]*")
 # opener, a closer.
 _STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[{])|([\]}])')
 _PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
-_scan_string = json.decoder.scanstring  # C: one JSON string after its quote -> (text, end)
+# C: one JSON string after its quote -> (text, end); a documented function that typeshed does not list.
+_scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 class _JobReading(NamedTuple):  # a tuple: a frozen dataclass costs a microsecond per job
@@ -197,7 +202,8 @@ def _text(payload: bytes) -> str:
 
 def _skip_space(text: str, pos: int) -> int:
     if pos < len(text) and text[pos] in _SPACE:  # compact JSON, the common case, needs no regex
-        return _SPACES.match(text, pos).end()
+        match = _SPACES.match(text, pos)  # it matches at any position (`*`)
+        return match.end() if match else pos
     return pos
 
 
@@ -248,7 +254,8 @@ def _read_value(text: str, pos: int, walk: bool) -> tuple[object, int]:
     """The value at `pos` and its end. Too deep to decode: an object is walked member by member
     if `walk` (a job, its custom), anything else is skipped."""
     try:
-        return _PAIRS.scan_once(text, pos)
+        # scan_once is the decoder's C scanner, set up by JSONDecoder.__init__ (not in typeshed).
+        return _PAIRS.scan_once(text, pos)  # type: ignore[attr-defined]
     except StopIteration:
         raise Malformed("invalid JSON: expected a value") from None
     except RecursionError:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from .. import shield
 from ..config import Mode, OnStoreError, UnknownBatch
-from ..decisions import Client, Decision, Forward, Respond
+from ..decisions import Client, Forward, Respond, Settled
 from ..metrics import Metrics, counted
 from ..protocol import Command
 from ..store import UNKNOWN, BatchState, StoreError
@@ -29,7 +29,7 @@ class Outcomes:
         self.settings = settings
         self._background: set[asyncio.Task] = set()
 
-    def refuse(self, refusal: Refusal, command: Command, client: Client, bid: str | None) -> Decision:
+    def refuse(self, refusal: Refusal, command: Command, client: Client, bid: str | None) -> Settled:
         """Refuse, or in shadow mode count and forward. Every refusal is logged once: the audit trail."""
         mode = self.settings.mode
         fields = {
@@ -48,10 +48,10 @@ class Outcomes:
         log.warning("refused", extra=fields)
         return Respond(refusal.reply())
 
-    def malformed(self, command: Command, client: Client, problem: str) -> Decision:
+    def malformed(self, command: Command, client: Client, problem: str) -> Settled:
         return self.refuse(policy.refusal_malformed(command.verb.decode(), problem), command, client, None)
 
-    def shielded(self, shielded: shield.Shielded, client: Client) -> Decision:
+    def shielded(self, shielded: shield.Shielded, client: Client) -> Settled:
         """A line the server would crash on: answered here, in every mode, never forwarded."""
         self.metrics.shielded.labels(shielded.verb).inc()
         log.warning(
@@ -66,8 +66,11 @@ class Outcomes:
         if state == UNKNOWN:
             return policy.refusal_unknown(bid, settings.unknown_batch)
         if nest:
-            return policy.refusal_to_nest(bid, state, settings.mode)
-        return policy.refusal_to_add(bid, state, settings.mode)
+            refusal = policy.refusal_to_nest(bid, state, settings.mode)
+        else:
+            refusal = policy.refusal_to_add(bid, state, settings.mode)
+        assert refusal is not None, f"an open batch refuses nothing ({bid}: {state})"
+        return refusal
 
     @property
     def verifies_unknown(self) -> bool:
@@ -80,7 +83,7 @@ class Outcomes:
             return None
         return policy.refusal_store_down(bid, self.settings.on_store_error)
 
-    def store_down(self, bid: str, command: Command, client: Client, exc: StoreError) -> Decision:
+    def store_down(self, bid: str, command: Command, client: Client, exc: StoreError) -> Settled:
         refusal = self.store_failed(bid, client, exc)
         return Forward(command.raw) if refusal is None else self.refuse(refusal, command, client, bid)
 

@@ -105,11 +105,11 @@ class Workers:
 
     async def _learn_from_job(self, reply: Reply, client: Client) -> bytes:
         try:
-            job = jobs.decode(reply.payload)
-            custom = job.get("custom") if isinstance(job, dict) else None
+            job = jobs.decode(reply.payload or b"")
         except Malformed:
             return reply.raw
-        if not isinstance(custom, dict):
+        custom = job.get("custom") if isinstance(job, dict) else None
+        if not isinstance(job, dict) or not isinstance(custom, dict):
             return reply.raw
         member_mode = self.settings.mode == Mode.MEMBER_REOPEN
         callback_of = _valid(custom.get("_bid"))

@@ -39,12 +39,13 @@ class _Pipe(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self.waiters: deque[asyncio.Future] = deque()
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, which asyncio calls first
         self.lost = False
         self.closed = asyncio.get_running_loop().create_future()
         self.on_push: Callable[[object], None] | None = None  # a subscribed connection's messages
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream connection's
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -103,7 +104,7 @@ class PipelinedConnection:
         self._pipe: _Pipe | None = None
         self._dialing: asyncio.Lock | None = None
 
-    async def _address(self) -> tuple[str | None, int | None]:
+    async def _address(self) -> tuple[str, int]:
         if self.scheme == "redis+sentinel":
             from redis.asyncio.sentinel import Sentinel  # only Sentinel users pay for importing it
 
@@ -113,6 +114,8 @@ class PipelinedConnection:
             finally:
                 for client in sentinel.sentinels:
                     await client.aclose()
+        if not self._parts.hostname:
+            raise WireError(f"no host in {redact_url(self.url)}")
         return self._parts.hostname, self._parts.port or 6379
 
     async def _dial(self) -> _Pipe:

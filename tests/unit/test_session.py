@@ -22,8 +22,9 @@ class FakeSocket:
         self.log.append(("setsockopt", level, option, value))
 
 
-class FakeTransport:
+class FakeTransport(asyncio.Transport):
     def __init__(self, name: str, log: list):
+        super().__init__()
         self.name = name
         self.log = log
         self.closed = False
