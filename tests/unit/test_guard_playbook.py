@@ -24,7 +24,9 @@ from gateway.store import COMMITTED, FIRED, OPEN, UNKNOWN, StoreError
 from gateway.store.memory import MemoryStore
 
 DAY = 86400.0
-SHORT = Timing(lease_life=0.2, margin=0.02, server_bound=0.03, renew_every=0.05, idle=0.05, attempt_life=0.3)
+SHORT = Timing(
+    lease_life=0.2, margin=0.02, server_bound=0.03, pause=0.02, renew_every=0.05, idle=0.05, attempt_life=0.3
+)
 OK = ReplyReader().feed(b"+OK\r\n")[0]
 
 
