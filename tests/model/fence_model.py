@@ -29,9 +29,10 @@ Three protocols (``Config.protocol``):
 Each protocol's parts:
 
 1. Client. A client connects to a running gateway and sends X, either alone or behind a slow command
-   (``slow_commands``: any non-batch command that keeps the server busy: a big QUEUE REMOVE, a big
-   PUSHB, a reply the client does not read). The gateway forwards the slow command at once (it is not a
-   batch command). After X was written the client may hang up (``hang_ups``).
+   (``slow_commands``: any non-batch command that keeps the server busy for any time: a big QUEUE
+   REMOVE, a big PUSHB, a reply the client does not read; never a FETCH, the only one V2's barrier waits
+   for). The gateway forwards the slow command at once (it is not a batch command). After X was written
+   the client may hang up (``hang_ups``).
 2. Admission (V2, V3). X is admitted (V3: only once nothing is unanswered ahead of it on its connection,
    the barrier: the slow command answered) locally while the gateway's lease is valid (``now <
    deadline``) and not sealed, or by an ``acquire`` (a fresh token if the gateway holds no lease), whose
@@ -84,9 +85,9 @@ Each protocol's parts:
     up, a running gateway's reset at its deadline, and (``timely``) a healthy gateway's ledger request
     or reply, or its renewal when its deadline is one instant away.
 
-``timely`` (Redis answers a healthy gateway, alive, running and not cut, within the instant, and the
-gateway renews before its deadline) removes the "slow Redis" behaviours: with it and no fault, a
-healthy gateway's lease never lapses, which is what "no-fault trace" means in the tests.
+``timely`` (Redis answers the committer and every healthy gateway, alive, running and not cut, within
+the instant, and such a gateway renews before its deadline) removes the "slow Redis" behaviours: with it
+and no fault, a healthy gateway's lease never lapses, which is what "no-fault trace" means in the tests.
 
 Invariants checked in every reachable state
 -------------------------------------------
@@ -112,19 +113,32 @@ Assumptions as the model encodes them
 * Out of scope: a legal reopen, clock drift, a committer that dies after its commit was sent (the abandon
   covers its attempt), the slow reader (liveness, not safety).
 
-Instants and the constants (``Config`` defaults)
-------------------------------------------------
-Time unit = MARGIN (MARGIN 1; the real MARGIN is 2 s). Defaults: SERVER_BOUND 1, WRITE_LAG 1 (= MARGIN,
-A4), LEASE_LIFE 5, so VALID_FOR = 5 - 1 - 1 - 1 = 2 (the spec's inequalities: VALID_FOR >= 1 and
-LEASE_LIFE = VALID_FOR + MARGIN + SERVER_BOUND + WRITE_LAG; VALID_FOR 2 leaves room for a renewal), the
-answer wait (ANSWER_CAP, V2's LINGER) 1 (safety does not depend on its length; shorter explores more
-resets), max_delay 3, clock steps of 1..LEASE_LIFE. V2 and OLD: TTL = ``lease_life``. A bound written
-"within k" is inclusive; the gateway's own guard ``now < deadline`` is strict, as ``writable()``.
+Time, instants and the constants
+--------------------------------
+Time unit = MARGIN (MARGIN 1; the real MARGIN is 2 s). ``Config`` defaults: SERVER_BOUND 1, WRITE_LAG 1
+(= MARGIN, A4), LEASE_LIFE 5, so VALID_FOR = 5 - 1 - 1 - 1 = 2; ANSWER_CAP 1; ``max_delay`` 3 (> MARGIN and
+> VALID_FOR: a live link stalls longer than a lease); clock steps of 1..LEASE_LIFE. This keeps the spec's
+relations: LEASE_LIFE = VALID_FOR + MARGIN + SERVER_BOUND (+ WRITE_LAG, see Findings), hold = MARGIN +
+SERVER_BOUND, ANSWER_CAP > 0. VALID_FOR 2 is the least that lets a renewal keep a lease across an instant
+(a renewal must start before the deadline, i.e. at most VALID_FOR - 1 after the previous start).
+V2 and OLD: TTL = ``lease_life``; V2's local deadline is ``start + TTL - MARGIN``. The tests use smaller
+settings for the multi-party runs (their docstrings say which).
 
-There is no time horizon: states hold only relative times (instants left until a deadline, the age of a
-write, ...), capped where larger values can no longer change any step, and ``now`` (kept for the labels)
-is not part of a state's identity. So every run explores unbounded time: a slow command, a pause, a
-stall last any number of instants.
+Every step happens at an integer instant; steps sharing an instant are explored in every order, and a
+chain of causes may take no time. Bounds (A2, A3, A4, the hold, the watch's LEASE_LIFE) are inclusive;
+the gateway's guard ``now < deadline`` is strict, as ``writable()``. The invariant counts a push handled
+at the commit's instant, after it, as late: the model does not assume that the commit takes time to
+reach the server. So a hole of one unit shows, possibly as such a tie; and a tie where the real gap is
+exactly zero (a bound met exactly by a protection that the commit's own latency then covers) would show
+too: the tests choose their settings so that each removed protection opens a real gap (their docstrings
+say so where it matters). V3 itself has a unit to spare in the model in every branch of its argument:
+a write is at least one instant before the deadline, and a reset that leads to a release (ANSWER_CAP)
+at least one instant after the write.
+
+There is no time horizon (unless ``max_time`` is set): states hold only relative times (instants left
+until a deadline, the age of a write, ...), capped where larger values can no longer change any step,
+and ``now`` (kept for the labels) is not part of a state's identity. So every run explores unbounded
+time: a slow command, a pause, a stall last any number of instants.
 
 Reductions (sound: they merge states that no step can tell apart)
 -----------------------------------------------------------------
@@ -137,21 +151,31 @@ Reductions (sound: they merge states that no step can tell apart)
 * Tokens: a gateway's tokens are renamed 0, 1, ... in order of creation among those still referenced
   (fresh tokens are always new, so only identity and order matter); watch entries of tokens no longer in
   the ledger are dropped (a lapsed map naming them deletes nothing).
-* A ticket that can no longer hold anything forgets its token; a finished connection forgets its
-  timers; a dead gateway keeps only the request Redis may still execute.
+* A ticket that can no longer hold anything forgets its token; a connection whose X can no longer be
+  handled by the server and holds no lease is DONE, whatever its history (answered, refused, lost, or
+  handled with its reply no longer counted); a finished slow command is the same as none; a dead
+  gateway keeps only the request Redis may still execute; a V3 committer's references to leases no
+  longer in the ledger are dropped (they delete nothing); with nothing left to admit, "sealed" is
+  forgotten.
 * The slow command's end and its reply reaching the gateway are one step (V3 waits for the reply before
   admitting X, and nothing else happens on that connection in between: a later reply only delays X's
-  admission, which the model allows anyway).
+  admission, which the model allows anyway). While the slow command is busy it may be on its way or at
+  the server: either way X behind it cannot be handled, and A2 bounds X's own arrival.
+* V3's clock step: the fence reads no ledger clock, so it is not in the state and a step is the identity
+  (explored, tagged, outside the fault budget).
 
 Modelling choices that only remove behaviours a real gateway does not have: one outstanding ledger
 request per gateway (one Redis connection executes in order); one batch command per client connection;
 a gateway renews only while it has tickets in flight; a client hangs up only after X was written (before
-that, X is simply never admitted).
+that, X is simply never admitted); the V3 committer polls one ``commit_go`` at a time per attempt. Options
+that remove behaviours on purpose, to keep a run small, and are named in each test: ``timely``,
+``timeouts`` off, ``assign``, ``slow_commands`` / ``hang_ups`` off, ``max_delay`` = MARGIN.
 
 Findings (see tests/model/test_fence_model.py)
 ----------------------------------------------
 * V2 lets an admitted push be handled after the commit with no fault at all (slow command ahead, hang-up,
-  linger reset, release), and with a step of the ledger's clock.
+  linger reset, release), with a step of the ledger's clock, and with the slow command ahead and a pause,
+  a crash or a cut from Redis; and its local deadline leaves no room for the server's handling time.
 * The spec's VALID_FOR = LEASE_LIFE - MARGIN - SERVER_BOUND does not cover A4: a write may follow its
   ``writable()`` check by up to MARGIN, so what H wrote "before its deadline" can reach the server up to
   2 x MARGIN after it. The model finds that trace with VALID_FOR as written (``ValidFor.SPEC``); with
@@ -633,13 +657,12 @@ class Model:
         if self.c.protocol is Protocol.OLD:
             steps = [self.old_admissions(s), self.server_steps(s), self.commit_steps(s), self.tick(s)]
         else:
-            # The server's steps last: among shortest counterexamples BFS then prints one where, within
-            # an instant, the server acts after the gateways and the committer (the readable order; steps
-            # sharing an instant are explored in every order anyway).
+            # The server's steps last, after the tick: among shortest counterexamples BFS then prints one
+            # where the server acts as late as it may (the readable order: every order is explored).
             steps = [self.commit_steps(s), self.client_steps(s), self.clock_steps(s)]
             for g in range(len(s.gws)):
                 steps += [self.gateway_steps(s, g), self.ledger_steps(s, g)]
-            steps += [self.server_steps(s), self.tick(s)]
+            steps += [self.tick(s), self.server_steps(s)]
         for step in steps:
             for label, nxt, tags in step:
                 yield label, nxt if nxt is s else self.normalize(nxt), tags
@@ -1208,6 +1231,8 @@ class Model:
     def urgent(self, s: State) -> bool:
         """Something must happen at this instant: time cannot pass."""
         c = self.c
+        if c.timely and any(a.request is not None or a.reply is not None for a in s.attempts):
+            return True  # Redis answers the committer within the instant too
         for conn in s.conns:
             if conn.head_left == 0 and self.at_head(conn):
                 return True  # A3
@@ -1216,7 +1241,7 @@ class Model:
         for g, gw in enumerate(s.gws):
             if self.running(gw) and self.writing(s, g) is None and self.owes_lose(s, g):
                 return True  # the deadline timer of a running gateway
-            if c.timely and self.healthy(gw):
+            if c.timely and self.healthy(gw):  # Redis answers it within the instant; it renews in time
                 if gw.request is not None or gw.reply is not None:
                     return True
                 if gw.lease is not None and gw.lease.deadline_left <= 1 and self.inflight(s, g):
@@ -1283,7 +1308,9 @@ class Model:
         if old:
             conns = tuple(self.old_conn(conn) for conn in conns)
         else:
-            conns = tuple(self.norm_conn(conn, gws[conn.gw]) for conn in conns)
+            normal = [self.norm_conn(conn, gws[conn.gw]) for conn in conns]
+            if any(a is not b for a, b in zip(normal, conns)):
+                conns = tuple(normal)
             # A lease with nothing left to admit: sealed or not makes no difference.
             if len(conns) >= self.c.max_pushes:
                 for g, gw in enumerate(gws):
@@ -1291,7 +1318,7 @@ class Model:
                         if not any(conn.gw == g and conn.cmd is Cmd.WAITING for conn in conns):
                             lease = gw.lease._replace(sealed=False) if gw.lease else None
                             gws = _put(gws, g, gw._replace(notice=False, lease=lease))
-        if leases is not s.leases or gws is not s.gws or conns != s.conns:
+        if leases is not s.leases or gws is not s.gws or conns is not s.conns:
             s = s._replace(leases=leases, gws=gws, conns=conns)
         if self.v3:
             s = self.canonical_v3(s)
@@ -1339,23 +1366,36 @@ class Model:
         return new
 
     def canonical_v3(self, s: State) -> State:
-        present = {(h, t) for h, t, _ in s.leases}
+        """The committer's references to leases no longer in the ledger can delete nothing: dropped, so
+        that every reference to a token is in the ledger or at its gateway."""
         watch = s.watch
         if self.c.lapse is Lapse.LEDGER_CLOCK:
             watch = ()
-        elif any((h, t) not in present for h, t, _, _ in watch):
-            watch = tuple(e for e in watch if e[:2] in present)
-        attempts = s.attempts
-        for k, a in enumerate(attempts):
-            if a.request and any(ref not in present for ref in a.request):
-                attempts = _put(attempts, k, a._replace(request=tuple(r for r in a.request if r in present)))
-        if watch is not s.watch or attempts is not s.attempts:
-            s = s._replace(watch=watch, attempts=attempts)
+        busy = watch or any(a.request or a.reply is not None for a in s.attempts)
+        if busy:
+            present = {(h, t) for h, t, _ in s.leases}
+            if any((h, t) not in present for h, t, _, _ in watch):
+                watch = tuple(e for e in watch if e[:2] in present)
+            attempts = s.attempts
+            for k, a in enumerate(attempts):
+                new = a
+                if a.request and any(ref not in present for ref in a.request):
+                    new = new._replace(request=tuple(r for r in a.request if r in present))
+                if a.reply is not None and any((h, t) not in present for h, t, _ in a.reply.remaining):
+                    remaining = tuple(e for e in a.reply.remaining if e[:2] in present)
+                    new = new._replace(reply=a.reply._replace(remaining=remaining))
+                if new is not a:
+                    attempts = _put(attempts, k, new)
+            if watch is not s.watch or attempts is not s.attempts:
+                s = s._replace(watch=watch, attempts=attempts)
+        elif watch is not s.watch:
+            s = s._replace(watch=watch)
         return self.canonical_tokens(s)
 
     @staticmethod
     def token_refs(s: State) -> set[LeaseRef]:
-        """Every (gateway, token) the state refers to."""
+        """Every (gateway, token) the state refers to (after canonical_v3, the committer's are in the
+        ledger's)."""
         refs = {(h, t) for h, t, _ in s.leases}
         for g, gw in enumerate(s.gws):
             if gw.lease is not None:
@@ -1367,13 +1407,6 @@ class Model:
         for conn in s.conns:
             if conn.token >= 0:
                 refs.add((conn.gw, conn.token))
-        for h, t, _, _ in s.watch:
-            refs.add((h, t))
-        for a in s.attempts:
-            if a.request:
-                refs.update(a.request)
-            if a.reply is not None:
-                refs.update((h, t) for h, t, _ in a.reply.remaining)
         return refs
 
     def fresh_token(self, s: State, g: int) -> int:
@@ -1381,9 +1414,14 @@ class Model:
 
     def canonical_tokens(self, s: State) -> State:
         """Rename each gateway's tokens 0, 1, ... in order, keeping only those still referenced."""
+        if all(t == 0 for _, t, _ in s.leases) and all(
+            (gw.lease is None or gw.lease.token == 0)
+            and (gw.request is None or gw.request.token == 0)
+            and (gw.reply is None or gw.reply.token == 0)
+            for gw in s.gws
+        ) and all(conn.token <= 0 for conn in s.conns):
+            return s  # every token in use is 0: already canonical
         refs = self.token_refs(s)
-        if all(t == 0 for _, t in refs):
-            return s
         renames: dict[int, dict[int, int]] = {}
         for g in range(len(s.gws)):
             used = sorted(t for h, t in refs if h == g)
