@@ -204,9 +204,12 @@ class Result:
     violated: str | None = None
     trace: list[str] | None = None
     covered: set[str] = field(default_factory=set)
+    deadlocks: int = 0  # states without any successor (in this model: a bug, time can always pass)
 
     def show(self) -> str:
         head = f"{self.states} states, {self.transitions} transitions, {self.seconds:.2f} s"
+        if self.deadlocks:
+            head += f", {self.deadlocks} DEADLOCKED states"
         if self.trace is None:
             return head + ": no violation"
         steps = "\n".join(f"  {i:2}. {label}" for i, label in enumerate(self.trace, 1))
@@ -234,6 +237,7 @@ def explore(
     parent: dict[Hashable, tuple[Hashable, str] | None] = {key(initial): None}
     queue = deque([initial])
     transitions = 0
+    deadlocks = 0
     covered: set[str] = set()
 
     def result(violated: str | None = None, at: Hashable = None) -> Result:
@@ -244,7 +248,8 @@ def explore(
                 at, label = parent[at]
                 trace.append(label)
             trace.reverse()
-        return Result(len(parent), transitions, time.perf_counter() - started, violated, trace, covered)
+        seconds = time.perf_counter() - started
+        return Result(len(parent), transitions, seconds, violated, trace, covered, deadlocks)
 
     for name, holds in invariants.items():
         if not holds(initial):
@@ -252,7 +257,9 @@ def explore(
     while queue:
         state = queue.popleft()
         here = key(state)
+        stuck = True
         for label, nxt, tags in successors(state):
+            stuck = False
             transitions += 1
             covered.update(tags)
             there = key(nxt)
@@ -265,6 +272,7 @@ def explore(
             if len(parent) > max_states:
                 raise RuntimeError(f"more than {max_states} states: lower the bounds")
             queue.append(nxt)
+        deadlocks += stuck
     return result()
 
 
