@@ -183,6 +183,14 @@ Findings (see tests/model/test_fence_model.py)
   ``writable()`` check by up to MARGIN, so what H wrote "before its deadline" can reach the server up to
   2 x MARGIN after it. The model finds that trace with VALID_FOR as written (``ValidFor.SPEC``); with
   WRITE_LAG subtracted (``ValidFor.WITH_WRITE_LAG``, the default) it finds nothing.
+* The spec keeps a GC lifetime on the leases hash, refreshed by acquire and renew, on the ledger's clock;
+  a forward step longer than that (45 min) expires every lease field at once and the next commit_go
+  says GO while admitted pushes are on their way: "no step of the argument reads the ledger's clock" is
+  not true of the records. The model finds it (``leases_hash_expires``). Proposed fix (the default
+  here): no lifetime on the leases hash (Redis deletes a hash with its last field; a field nobody
+  releases is ended by a lapse watch: a committer's, or a GC sweeper's on its own clock). The state
+  record's own lifetime is not modelled: with the leases intact its expiry is a reopen followed by an
+  adopting begin_commit, which the abandon (any time) already covers.
 * Not found by the model (drift 0), but the same kind of gap: the hold after a reset (MARGIN +
   SERVER_BOUND) is measured on the gateway's own clock, which may run 1 % fast (A1); it must be
   (MARGIN + SERVER_BOUND) / (1 - DRIFT) locally, or SERVER_BOUND's slack must be said to cover it.
@@ -409,6 +417,9 @@ class Config:
     barrier: bool = True
     hold: int | None = None  # instants a reset ticket still holds the lease; default V2 MARGIN, V3 MARGIN+SB
     lapse: Lapse = Lapse.WATCH
+    # The spec: the leases hash has a GC lifetime on the ledger's clock (refreshed by acquire and renew).
+    # False: the proposed fix (see Findings).
+    leases_hash_expires: bool = False
     valid_for: ValidFor = ValidFor.WITH_WRITE_LAG
     # Protections common to V2 and V3.
     abort_at_deadline: bool = True
@@ -1113,6 +1124,22 @@ class Model:
                     f"{self.at(s)} the ledger's clock steps {sign}(any amount): the fence reads no ledger clock",
                     s,
                     ("clock-step", tag),
+                )
+            # A forward step longer than the records' lifetime (45 min: any amount is a fault here). The
+            # spec keeps a GC lifetime on the leases hash, on the ledger's clock: the step expires every
+            # lease field at once. With the fix (no lifetime on the hash: Redis deletes it when its last
+            # field goes; fields nobody releases are ended by a lapse watch) the step changes nothing.
+            if c.leases_hash_expires and s.faults < c.max_faults and s.leases:
+                yield (
+                    f"{self.at(s)} the ledger's clock steps past the records' lifetime: the leases hash expires",
+                    s._replace(leases=(), faults=s.faults + 1),
+                    ("clock-step", "clock-step-forward", "leases-hash-expired"),
+                )
+            elif s.leases:
+                yield (
+                    f"{self.at(s)} the ledger's clock steps past the records' lifetime: the leases hash has none",
+                    s,
+                    ("clock-step", "clock-step-forward", "clock-step-past-record-lifetime"),
                 )
             return
         if s.faults >= c.max_faults:

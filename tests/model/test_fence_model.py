@@ -286,6 +286,7 @@ V3_SAFE = {
             "abort",
             "clock-step-forward",
             "clock-step-backward",
+            "clock-step-past-record-lifetime",
             "lease-lapsed-by-watch",
             "commit-sent-after-lapse",
             "written-after-deadline",
@@ -428,6 +429,24 @@ def test_v3_spec_formula_misses_the_write_lag():
     trace = find(replace(V3, valid_for=ValidFor.SPEC, write_lag=2, **PLAIN))
     assert_lapsed_by_watch(trace)
     index(trace, r"writes push#1 \(its deadline has passed since the check\)")
+
+
+def test_v3_spec_leases_hash_expires_on_a_clock_step():
+    """A finding: the spec's GC lifetime on the leases hash is on the ledger's clock. A forward step
+    past it (any amount is a fault in the model) ends every lease at once; the commit goes while the
+    admitted push is on its way. No other fault, no slow command, no hang-up. (Fixed in the model's V3:
+    no lifetime on the hash.)"""
+    config = replace(V3, leases_hash_expires=True, **PLAIN)
+    trace = find(replace(config, faults=frozenset({Fault.CLOCK_STEP}), max_faults=1))
+    shown = "\n".join(trace)
+    commit, _ = assert_late_push(trace)
+    step = index(trace, r"clock steps past the records' lifetime: the leases hash expires")
+    go = index(trace, r"no lease remains: GO")
+    taken = index(trace, r"Redis executes G1's acquire: lease taken")
+    # The lease was taken (so a commit must wait for it), the step erased it, the commit went; the push
+    # was admitted under that lease (here after the commit: G1's deadline still stands) and joined late.
+    assert taken < step < go < commit < written(trace), shown
+    assert not any(re.search(r"crashes|paused|cut from Redis|resets", s) for s in trace), shown
 
 
 def test_v3_without_the_abort_at_the_deadline():
