@@ -77,7 +77,8 @@ Each protocol's parts:
     deadline; not between a check and its write, where A4's lag stands for it), cut from Redis (its
     requests are never executed), and a step of the ledger's clock, forward or backward by 1 ..
     ``clock_step_max`` (V2: lease expiries move; V3 reads no clock in the fence, so the step changes
-    nothing but is explored).
+    nothing but is explored), or past the records' lifetime (V3 with ``leases_hash_expires``, the spec:
+    every lease field expires; with the fix, nothing happens).
 11. Time: instants (integers). ``tick`` advances every clock by one; gateway clocks are the global one
     (drift 0: the real constants carry a 1 % rate margin, the model does not); the ledger's clock runs at
     the same rate but may step (fault). ``tick`` is not allowed while something must happen at this
