@@ -505,8 +505,8 @@ DEEP = [
         replace(V3, gateways=("G1", "G2"), max_pushes=2, assign=True, timeouts=False, **LEAN),
     ),
     (
-        "V3, one gateway, two pushes, slow Redis",
-        replace(V3, max_pushes=2, timeouts=False, **NO_FAULTS, **LEAN),
+        "V3, one gateway, two pushes, slow Redis, slow commands and hang-ups, no fault",
+        replace(V3, max_pushes=2, timeouts=False, **NO_FAULTS),
     ),
 ]
 
