@@ -1390,7 +1390,7 @@ class Model:
                 gws=tuple(gws),
                 leases=leases,
                 watch=watch,
-                commit_before=s.server_commit,
+                commit_before=s.server_commit and c.strict,  # only read in strict mode
             ),
             ("lease-expired",) if expiring else (),
         )
