@@ -123,8 +123,9 @@ Time unit = MARGIN (MARGIN 1; the real MARGIN is 2 s). ``Config`` defaults: SERV
 relations: LEASE_LIFE = VALID_FOR + MARGIN + SERVER_BOUND (+ WRITE_LAG, see Findings), hold = MARGIN +
 SERVER_BOUND, ANSWER_CAP > 0. VALID_FOR 2 is the least that lets a renewal keep a lease across an instant
 (a renewal must start before the deadline, i.e. at most VALID_FOR - 1 after the previous start).
-V2 and OLD: TTL = ``lease_life``; V2's local deadline is ``start + TTL - MARGIN``. The tests use smaller
-settings for the multi-party runs (their docstrings say which).
+V2 and OLD: TTL = ``lease_life``; V2's local deadline is ``start + TTL - MARGIN``; ``v2()`` sets TTL 3,
+LINGER 2 (> SERVER_BOUND, as 10 s > 8 s), and V2's own assumptions (SERVER_BOUND 0, WRITE_LAG 0, nothing
+slow ahead). The tests use smaller settings for the multi-party runs (printed with each result).
 
 Every step happens at an integer instant; steps sharing an instant are explored in every order, and a
 chain of causes may take no time. Bounds (A2, A3, A4, the hold, the watch's LEASE_LIFE) are inclusive;
