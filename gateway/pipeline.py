@@ -41,7 +41,6 @@ from .decisions import (
     Forward,
     Later,
     ReplyHandler,
-    Respond,
     Route,
     Settled,
     Ticket,

@@ -15,7 +15,7 @@ import functools
 import json
 
 from ..config import Mode, UnknownBatch
-from ..decisions import Client, Decision, Forward, Later, ReplyHandler, Respond
+from ..decisions import Client, Decision, Forward, Later, ReplyHandler, Respond, Settled
 from ..protocol import DOLLAR, Command, Reply, bulk_reply
 from ..store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, StoreError
 from . import jobs, policy
@@ -147,7 +147,7 @@ class Admission:
         nest: bool,
         on_reply: ReplyHandler | None,
         local: bool,
-    ) -> Decision:
+    ) -> Settled:
         try:
             state, ticket = await self.admit(bid, client, local)
         except StoreError as exc:

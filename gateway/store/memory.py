@@ -149,6 +149,8 @@ class MemoryStore:
         self._wheel.add(bid, expires)
         if state != COMMITTING:
             self._attempts.pop(bid, None)
+        if state == COMMITTED or state == FIRED:
+            self._leases.pop(bid, None)  # no lease matters after a commit
 
     # ------------------------------------------------------------------------------------------
     # The interface

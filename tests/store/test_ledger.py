@@ -129,6 +129,28 @@ async def test_only_the_committer_ends_a_lease_and_only_at_the_beat_it_saw_uncha
     assert (await store.commit_go(bid, "c1", {"g2": 2})).go
 
 
+async def test_a_lease_outlives_its_batch_record_and_ends_with_the_commit(ledger):
+    """Only a lease's holder or a committer ends it: not the batch record's lifetime on the
+    ledger's clock (a forward step of that clock longer than the record's 45 minutes must not
+    erase a lease in use). Once the batch is committed, no lease matters: they go with it."""
+    store, bid = ledger.store, new_bid()
+    await store.create(bid)
+    await store.acquire(bid, "g1")
+    if isinstance(store, RedisStore):
+        ttl = await store.conn.call("PTTL", f"{store.prefix}{{{bid}}}:leases")
+        assert ttl > 44 * 60 * 1000  # longer than any record but a committed one, never shorter
+    await store.begin_commit(bid, "c1")
+    assert (await store.commit_go(bid, "c1", {})).leases == {"g1": 1}
+    store.release(bid, "g1")
+    assert (await store.commit_go(bid, "c1", {})).go
+    await store.acquire(bid, "g2")  # refused (committing), so nothing is added
+    await store.finish_commit(bid, "c1", committed=True)
+    if isinstance(store, RedisStore):
+        assert await store.conn.call("EXISTS", f"{store.prefix}{{{bid}}}:leases") == 0
+    else:
+        assert bid not in store._leases
+
+
 async def test_overlapping_commits_a_timeout_does_not_reopen_what_another_attempt_finishes(ledger):
     store, bid = ledger.store, new_bid()
     await store.create(bid)

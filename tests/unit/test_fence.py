@@ -17,7 +17,9 @@ from gateway.store import COMMITTING, OPEN
 from gateway.store.memory import MemoryStore
 
 DAY = 86400.0
-SHORT = Timing(lease_life=0.2, margin=0.02, server_bound=0.05, renew_every=0.03, idle=0.05, attempt_life=0.3)
+SHORT = Timing(
+    lease_life=0.2, margin=0.02, server_bound=0.05, pause=0.02, renew_every=0.03, idle=0.05, attempt_life=0.3
+)
 
 
 class Clock:

@@ -25,7 +25,9 @@ from tests.support.fakes import Clock, FakeClient, settings
 from tests.support.playbook import answer, committed, decide
 
 DAY = 86400.0
-SHORT = Timing(lease_life=0.2, margin=0.02, server_bound=0.03, renew_every=0.05, idle=0.05, attempt_life=0.3)
+SHORT = Timing(
+    lease_life=0.2, margin=0.02, server_bound=0.03, pause=0.02, renew_every=0.05, idle=0.05, attempt_life=0.3
+)
 
 
 @pytest.fixture

@@ -7,7 +7,10 @@
 --
 -- No script reads Redis's clock (TIME): leases and attempts carry beats (counters), and only the
 -- gateways measure time, each on its own monotonic clock (docs/fence.md, A1). Key lifetimes are
--- garbage collection only, and every one of them is at least the batch record's own.
+-- garbage collection only: a leases hash lives the longer of the committed retention (ARGV[2],
+-- 45 days by default) and the open-record lifetime past its last use, and is deleted outright once the batch is committed or fired (no
+-- lease matters after a commit); so only a step of Redis's clock longer than that could erase a
+-- lease in use (the model in tests/model found the hole a shorter lifetime leaves).
 
 local function ttl_for(state)
   if state == 'committed' then return ARGV[2] end
@@ -18,15 +21,16 @@ end
 local function set_state(state)
   redis.call('SET', KEYS[1], state, 'PX', ttl_for(state))
   if state ~= 'committing' then redis.call('DEL', KEYS[3]) end
+  if state == 'committed' or state == 'fired' then redis.call('DEL', KEYS[2]) end
 end
 
 local function current()
   return redis.call('GET', KEYS[1]) or 'unknown'
 end
 
--- A leases or attempts hash lives at least as long as the open-record lifetime and the record.
+-- A leases or attempts hash is kept that long past its last use (see above).
 local function keep(key)
-  redis.call('PEXPIRE', key, math.max(tonumber(ARGV[1]), redis.call('PTTL', KEYS[1])))
+  redis.call('PEXPIRE', key, math.max(tonumber(ARGV[1]), tonumber(ARGV[2])))
 end
 
 -- Seal the batch for a commit attempt (beat it) and tell every gateway (they stop admitting at once).
