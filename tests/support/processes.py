@@ -67,10 +67,12 @@ class Process:
         self.cwd = cwd
         self.output: list[str] = []
         self.proc: subprocess.Popen | None = None
+        self._group_stopped = False
         self._changed = threading.Condition()
 
     def start(self) -> None:
         self.output = []
+        self._group_stopped = False
         self.proc = subprocess.Popen(
             self.argv,
             env=self.env,
@@ -120,6 +122,8 @@ class Process:
         when it died first, as a Faktory a test crashed does, leaving its private Redis running."""
         if not self.proc:
             return None
+        if self._group_stopped:  # its id may belong to another group by now
+            return self.proc.returncode
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
@@ -129,6 +133,7 @@ class Process:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._group_stopped = sig in (signal.SIGTERM, signal.SIGKILL)
         return self.proc.returncode
 
     def kill(self) -> None:
