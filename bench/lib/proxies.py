@@ -16,17 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(1, str(REPO))
+from tests.support.processes import Process, free_port
 
-from tests.support.processes import Process, free_port  # noqa: E402 (after the sys.path entry)
+RELAY = Path(__file__).resolve().parents[1] / "relay.py"
 
 
 class RelayProcess(Process):
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.port = free_port()
-        super().__init__([sys.executable, str(REPO / "bench" / "relay.py"), str(self.port), upstream_host,
-                          str(upstream_port)])  # fmt: skip
+        super().__init__([sys.executable, str(RELAY), str(self.port), upstream_host, str(upstream_port)])
 
     def start(self) -> RelayProcess:
         super().start()
