@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.lib, tests.support
 
 from bench import lag
-from bench.lib import load
+from bench.lib import load, profiling
 from bench.lib.load import LoadSpec, Mode, abba, take_latencies
 from bench.lib.process import children_of, raise_nofile, rss_kib, set_affinity, stop_all
 from bench.lib.proxies import HAProxyProcess, RelayProcess
@@ -60,27 +59,7 @@ TARGETS = {
 
 
 # ------------------------------------------------------------------------------------------------
-# Processes and sampling
-
-
-def perf_split(perf: str, pid: str, seconds: int, data: Path) -> dict | None:
-    """Where a process's CPU goes, by shared object and by top symbol: `perf record` for `seconds`."""
-    record = subprocess.run([perf, "record", "-F", "999", "-g", "-p", pid, "-o", str(data), "--", "sleep",
-                             str(seconds)], check=False, capture_output=True, text=True)  # fmt: skip
-    if record.returncode != 0 or not data.exists():
-        return {"error": record.stderr.strip()[-300:]}
-
-    def table(sort: str, limit: int) -> list[tuple[str, float]]:
-        out = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio", "-g",
-                              "none"], check=False, capture_output=True, text=True).stdout  # fmt: skip
-        rows = []
-        for line in out.splitlines():
-            match = re.match(r"\s*([\d.]+)%\s+(.*\S)", line)
-            if match and not line.startswith("#"):
-                rows.append((match.group(2), float(match.group(1))))
-        return rows[:limit]
-
-    return {"by_object_pct": table("dso", 8), "by_symbol_pct": table("dso,sym", 25)}
+# The benchmark: its processes, the loads through them, the scenarios
 
 
 class Bench:
@@ -436,8 +415,7 @@ class Bench:
         between the kernel (socket calls), the interpreter and uvloop. The process's CPU per command
         over the same load turns the percentages into microseconds per command.
         """
-        # py-spy from PATH, or from the virtualenv running this script (.venv/bin/python bench/run.py).
-        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        py_spy = profiling.py_spy()
         if not py_spy:
             return {"process": label, "skipped": "py-spy not installed (pip install py-spy)"}
         gateway = gateway or self.gateway
@@ -459,37 +437,17 @@ class Bench:
                                   payload=self.args.payload, wid="bench-prof" if mode == Mode.FETCHACK else None,
                                   watch={label: [gateway.proc.pid]}))  # fmt: skip
         time.sleep(0.8)
-        pid = str(gateway.proc.pid)
-        common = ["--pid", pid, "--duration", str(seconds), "--rate", "250", "--nonblocking"]
-        if raw.exists():
-            raw.unlink()
-        spy = subprocess.run([py_spy, "record", *common, "--format", "raw", "-o", str(raw)], check=False,
-                             capture_output=True, text=True)  # fmt: skip
-        split = None
-        if perf:
-            split = perf_split(perf, pid, perf_seconds, self.tmp / "perf.data")
+        pid = gateway.proc.pid
+        spy_errors = profiling.record_stacks(py_spy, pid, seconds, raw)
+        split = profiling.perf_split(perf, pid, perf_seconds, self.tmp / "perf.data") if perf else None
         loaded = load.finish(gen, timeout=90)
         cpu_us = loaded["proc_cpu_s"][label] / loaded["commands"] * 1e6 if loaded.get("commands") else None
         if not raw.exists():
-            return {"skipped": f"py-spy produced nothing: {spy.stderr.strip()[-500:]}"}
-        stacks = Counter()
-        with open(raw) as f:
-            for line in f:
-                stack, _, count = line.rstrip().rpartition(" ")
-                if stack:
-                    stacks[stack] += int(count)
-        total = sum(stacks.values())
-        self_time, inclusive = Counter(), Counter()
-        for stack, count in stacks.items():
-            frames = stack.split(";")
-            self_time[frames[-1]] += count
-            for frame in set(frames):
-                inclusive[frame] += count
-        top_self = [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(25)]
-        top_incl = [(frame, round(100 * c / total, 1)) for frame, c in inclusive.most_common(40)]
-        return {"scenario": scenario, "process": label, "samples": total, "raw": str(raw.relative_to(REPO)),
-                "cpu_us_per_cmd": cpu_us, "top_self_pct": top_self, "top_inclusive_pct": top_incl,
-                "perf": split}  # fmt: skip
+            return {"skipped": f"py-spy produced nothing: {spy_errors.strip()[-500:]}"}
+        frames = profiling.top_frames(raw)
+        return {"scenario": scenario, "process": label, "samples": frames["samples"],
+                "raw": str(raw.relative_to(REPO)), "cpu_us_per_cmd": cpu_us, "top_self_pct": frames["top_self_pct"],
+                "top_inclusive_pct": frames["top_inclusive_pct"], "perf": split}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -704,59 +662,28 @@ def report(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def profile_text(profile: dict, scenario: str) -> str:
-    """Top functions by self and inclusive time; with the process's CPU per command, µs per command."""
-    label = profile.get("process", "gateway")
-    cpu = profile.get("cpu_us_per_cmd")
-    lines = [f"{label.capitalize()} profile under {profile.get('scenario', scenario)} "
-             f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})"
-             + (f"; {label} CPU {cpu:.1f} µs per command over the same load" if cpu else "")]  # fmt: skip
-
-    def us(pct: float) -> str:
-        return f"{pct * cpu / 100:5.1f} µs" if cpu else ""
-
-    for kind, rows, limit in (("self", "top_self_pct", 20), ("incl", "top_inclusive_pct", 30)):
-        for frame, pct in profile.get(rows, [])[:limit]:
-            lines.append(f"  {kind} {pct:5.1f}% {us(pct)}  {frame}")
-    split = profile.get("perf") or {}
-    if split.get("by_object_pct"):
-        lines.append(f"  perf, the {label}'s CPU by object: "
-                     + ", ".join(f"{o} {p:.1f}%" + (f" ({p * cpu / 100:.1f} µs)" if cpu else "")
-                                 for o, p in split["by_object_pct"]))  # fmt: skip
-        for sym, pct in split["by_symbol_pct"][:15]:
-            lines.append(f"  perf {pct:5.1f}%  {sym}")
-    elif split.get("error"):
-        lines.append(f"  perf failed: {split['error']}")
-    return "\n".join(lines)
+# The flags with a value, in --help's order: (flag, type, default, help).
+FLAGS = (
+    ("--duration", float, 3.0, "seconds per measurement window (default 3)"),
+    ("--warmup", float, 1.0, "seconds of load before each window (default 1)"),
+    ("--rounds", int, 2, "windows per target per throughput scenario, ABBA order (default 2)"),
+    (
+        "--scenarios",
+        str,
+        ",".join(SCENARIOS),
+        f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    ),
+    ("--payload", int, 100, "bytes of padding in each job's args (default 100)"),
+    ("--idle-conns", int, 1000, "idle connections for the memory scenario"),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=3.0, help="seconds per measurement window (default 3)"
-    )
-    parser.add_argument(
-        "--warmup", type=float, default=1.0, help="seconds of load before each window (default 1)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="windows per target per throughput scenario, ABBA order (default 2)",
-    )
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
-    )
-    parser.add_argument(
-        "--payload", type=int, default=100, help="bytes of padding in each job's args (default 100)"
-    )
-    parser.add_argument(
-        "--idle-conns", type=int, default=1000, help="idle connections for the memory scenario"
-    )
+    for flag, kind, default, text in FLAGS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--gateway-flag",
         action="append",
@@ -840,7 +767,7 @@ def main() -> int:
         for one in (profile, profile.get("relay")):
             if one:
                 print()
-                print(profile_text(one, args.profile))
+                print(profiling.text(one, args.profile))
     targets = [target.as_json() for target in verdicts(bench.results)]
     out = write_json(args.json, {"meta": meta, "results": bench.results, "targets": targets, "profile": profile,
                                  "table": text})  # fmt: skip

@@ -230,62 +230,66 @@ class Soak:
         return result
 
 
-def checks(result: dict) -> list[Check]:
-    """The audit, each check PASS or FAIL; the ledger Redis's figures for information."""
-    out = []
-    audit = result["audit"]
-    jobs = audit["jobs"]
+def jobs_accounted(result: dict) -> Check:
+    jobs = result["audit"]["jobs"]
     fk = jobs["in_faktory"]
-    out.append(
-        Check(
-            "every +OK job accounted for",
-            jobs["passed"],
-            f"{jobs.get('ok', 0)} PUSHes answered +OK = {jobs.get('ok_acked', 0)} acked by the workers + "
-            f"{jobs['outstanding_expected']} outstanding; Faktory holds {jobs['in_faktory_total']} (queue "
-            f"{fk['queue']}, retries {fk['retries']}, dead {fk['dead']}, scheduled {fk['scheduled']}, working "
-            f"{fk['working']}); refused but delivered {jobs.get('refused_but_delivered', 0)}, delivered but "
-            f"never pushed {jobs.get('delivered_never_pushed', 0)}, unanswered {jobs.get('unanswered', 0)}",
-        )
+    detail = (
+        f"{jobs.get('ok', 0)} PUSHes answered +OK = {jobs.get('ok_acked', 0)} acked by the workers + "
+        f"{jobs['outstanding_expected']} outstanding; Faktory holds {jobs['in_faktory_total']} (queue "
+        f"{fk['queue']}, retries {fk['retries']}, dead {fk['dead']}, scheduled {fk['scheduled']}, working "
+        f"{fk['working']}); refused but delivered {jobs.get('refused_but_delivered', 0)}, delivered but "
+        f"never pushed {jobs.get('delivered_never_pushed', 0)}, unanswered {jobs.get('unanswered', 0)}"
     )
-    v = audit["violations"]
-    problems = result["problems"]
+    return Check("every +OK job accounted for", jobs["passed"], detail)
+
+
+def refusals_legitimate(result: dict) -> Check:
+    v, problems = result["audit"]["violations"], result["problems"]
     illegit = problems.get("refusal not legitimate", 0) + problems.get("legal command refused", 0)
-    out.append(
-        Check(
-            "every refusal legitimate",
-            illegit == 0 and v["legit_refusals"] == v["total_refusals"],
-            f"{v['total_refusals']} refusals, {v['legit_refusals']} of them violations aimed at a batch the "
-            f"generator had committed before sending; legal commands refused: "
-            f"{problems.get('legal command refused', 0)}; wrong code or target: "
-            f"{problems.get('refusal not legitimate', 0)}",
-        )
+    detail = (
+        f"{v['total_refusals']} refusals, {v['legit_refusals']} of them violations aimed at a batch the "
+        f"generator had committed before sending; legal commands refused: "
+        f"{problems.get('legal command refused', 0)}; wrong code or target: "
+        f"{problems.get('refusal not legitimate', 0)}"
     )
+    return Check(
+        "every refusal legitimate", illegit == 0 and v["legit_refusals"] == v["total_refusals"], detail
+    )
+
+
+def violations_refused(result: dict) -> Check:
+    v, problems = result["audit"]["violations"], result["problems"]
     sent = sum(v["sent"].values())
     refused = sum(v["refused_legitimately"].values())
-    detail = ", ".join(f"{k} {v['refused_legitimately'].get(k, 0)}/{n}" for k, n in sorted(v["sent"].items()))
-    out.append(
-        Check(
-            "every violation refused",
-            problems.get("violation admitted", 0) == 0 and refused == sent,
-            f"{refused} of {sent} refused ({detail}); {v['cross_gateway']} sent through the other gateway than "
-            f"the one that committed the batch; admitted: {problems.get('violation admitted', 0)}",
-        )
+    by_kind = ", ".join(
+        f"{k} {v['refused_legitimately'].get(k, 0)}/{n}" for k, n in sorted(v["sent"].items())
     )
-    s = audit["standin"]
+    detail = (
+        f"{refused} of {sent} refused ({by_kind}); {v['cross_gateway']} sent through the other gateway than "
+        f"the one that committed the batch; admitted: {problems.get('violation admitted', 0)}"
+    )
+    return Check(
+        "every violation refused", problems.get("violation admitted", 0) == 0 and refused == sent, detail
+    )
+
+
+def standin_clean(result: dict) -> Check:
+    s = result["audit"]["standin"]
     joined = s["joined"]
-    out.append(
-        Check(
-            "stand-in: nothing joined a committed or fired batch",
-            s["passed"],
-            f"{s['batches_reported']} batches ({s['batches_committed']} committed by the generator); joined "
-            f"while committed {joined.get('joined_while_committed', 0)}, after callback "
-            f"{joined.get('joined_after_callback', 0)}, child batches while committed "
-            f"{joined.get('children_while_committed', 0)} / after callback "
-            f"{joined.get('children_after_callback', 0)}; member totals differing from the +OK count "
-            f"{s['member_count_mismatches']}; committed batches reopened {s['committed_but_reopened']}; "
-            f"callbacks {s['callback_states']}",
-        )
+    return Check(
+        "stand-in: nothing joined a committed or fired batch",
+        s["passed"],
+        f"{s['batches_reported']} batches ({s['batches_committed']} committed by the generator); joined "
+        f"while committed {joined.get('joined_while_committed', 0)}, after callback "
+        f"{joined.get('joined_after_callback', 0)}, child batches while committed "
+        f"{joined.get('children_while_committed', 0)} / after callback "
+        f"{joined.get('children_after_callback', 0)}; member totals differing from the +OK count "
+        f"{s['member_count_mismatches']}; committed batches reopened {s['committed_but_reopened']}; "
+        f"callbacks {s['callback_states']}",
     )
+
+
+def counters_agree(result: dict) -> Check:
     gm = result["gateway_metrics"]
     metric_refusals = Counter()
     for g in gm.values():
@@ -293,70 +297,76 @@ def checks(result: dict) -> list[Check]:
     metric_refusals = {k: int(n) for k, n in metric_refusals.items() if n}
     logged = sum(g["refused_log_lines"] for g in gm.values())
     agree = metric_refusals == result["refusals"] and logged == sum(result["refusals"].values())
-    out.append(
-        Check(
-            "gateway counters agree with the client",
-            agree,
-            f"faktory_gateway_refusals_total {metric_refusals}, 'refused' log lines {logged}; client saw "
-            f"{result['refusals']}",
-        )
+    detail = (
+        f"faktory_gateway_refusals_total {metric_refusals}, 'refused' log lines {logged}; client saw "
+        f"{result['refusals']}"
     )
+    return Check("gateway counters agree with the client", agree, detail)
+
+
+def no_errors(result: dict) -> Check:
     errors = sum(result["server_errors"].values())
     lost = sum(result["lost_connections"].values())
-    other = {
-        k: n
-        for k, n in problems.items()
-        if k not in ("refusal not legitimate", "legal command refused", "violation admitted")
-    }
-    store = sum(g["store_errors"] for g in gm.values())
-    alive = result["processes_alive"]
-    out.append(
-        Check(
-            "no errors, stalls or lost connections",
-            not errors
-            and not lost
-            and not result["stalls"]
-            and not other
-            and not store
-            and all(alive.values()),
-            f"server errors {errors}, lost connections {lost}, stalls {result['stalls']}, store errors {store}, "
-            f"other problems {other or 0}, processes alive {all(alive.values())}",
-        )
+    audited = ("refusal not legitimate", "legal command refused", "violation admitted")  # the checks above
+    other = {k: n for k, n in result["problems"].items() if k not in audited}
+    store = sum(g["store_errors"] for g in result["gateway_metrics"].values())
+    alive = all(result["processes_alive"].values())
+    passed = not errors and not lost and not result["stalls"] and not other and not store and alive
+    detail = (
+        f"server errors {errors}, lost connections {lost}, stalls {result['stalls']}, store errors {store}, "
+        f"other problems {other or 0}, processes alive {alive}"
     )
+    return Check("no errors, stalls or lost connections", passed, detail)
+
+
+def fds_steady(result: dict) -> Check:
     g = result["gateways"]
-    fd_ok = True
+    passed = True
     parts = []
     for name in g["baseline"]:
         b, st, e, a = (g[k][name]["fds"] for k in ("baseline", "start", "end", "after_close"))
-        fd_ok &= a is not None and b is not None and a <= b + 2 and abs(e - st) <= 4
+        passed &= a is not None and b is not None and a <= b + 2 and abs(e - st) <= 4
         parts.append(f"{name} {b} idle, {st} at start, {e} at end, {a} after close")
-    out.append(Check("gateway fds: steady under load, back to baseline", fd_ok, "; ".join(parts)))
-    # RSS: warm = at the first report, after 30 s of load (allocator pools and caches filled).
+    return Check("gateway fds: steady under load, back to baseline", passed, "; ".join(parts))
+
+
+def rss_steady(result: dict) -> Check:
+    g = result["gateways"]
+    # Warm = at the first report, after 30 s of load (allocator pools and caches filled).
     first = next((t for t in result["ticks"] if not t["final"]), None)
-    rss_ok = True
+    passed = True
     parts = []
     for name in g["baseline"]:
         b, st, e, a = (g[k][name]["rss_kib"] for k in ("baseline", "start", "end", "after_close"))
         warm = first["gateways"][name]["rss_kib"] if first else st
-        rss_ok &= e - warm <= max(0.10 * warm, 5 * 1024)
+        passed &= e - warm <= max(0.10 * warm, 5 * 1024)
         parts.append(
             f"{name} {b / 1024:.1f} MiB idle, {st / 1024:.1f} with the connections open, {warm / 1024:.1f} "
             f"at the first report, {e / 1024:.1f} at the end ({100 * (e - warm) / warm:+.1f}% from the first "
             f"report), {a / 1024:.1f} after close"
         )
-    out.append(Check("gateway RSS: growth under load <= 10% (or 5 MiB)", rss_ok, "; ".join(parts)))
+    return Check("gateway RSS: growth under load <= 10% (or 5 MiB)", passed, "; ".join(parts))
+
+
+def ledger_redis(result: dict) -> Check | None:
     ledger = result.get("ledger_redis")
-    if ledger:
-        batches = result["audit"]["standin"]["batches_reported"]
-        out.append(
-            Check(
-                "ledger Redis",
-                None,
-                f"{ledger['keys']} keys, {ledger['used_memory'] / 2**20:.1f} MiB used for {batches} batches "
-                "(records are kept for batch_retention, 7 days by default)",
-            )
-        )
-    return out
+    if not ledger:
+        return None
+    batches = result["audit"]["standin"]["batches_reported"]
+    detail = (
+        f"{ledger['keys']} keys, {ledger['used_memory'] / 2**20:.1f} MiB used for {batches} batches "
+        "(records are kept for batch_retention, 7 days by default)"
+    )
+    return Check("ledger Redis", None, detail)
+
+
+AUDIT = (jobs_accounted, refusals_legitimate, violations_refused, standin_clean, counters_agree, no_errors,
+         fds_steady, rss_steady, ledger_redis)  # fmt: skip
+
+
+def checks(result: dict) -> list[Check]:
+    """The audit, each check PASS or FAIL, and the ledger Redis's figures for information."""
+    return [check for audit in AUDIT if (check := audit(result)) is not None]
 
 
 def summary(result: dict, meta: dict) -> str:
@@ -421,6 +431,27 @@ def summary(result: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+# The load's knobs (the flags with a value): (flag, type, default, help).
+FLAGS = (
+    ("--minutes", float, 10.0, "minutes of load (default 10)"),
+    ("--connections", int, 1000, "client connections (default 1000)"),
+    ("--workers", float, 0.15, "fraction of connections that are workers"),
+    ("--batchers", float, 0.10, "fraction that are batch producers"),
+    ("--target-cpu", float, 65.0, "machine busy %% the pacing aims at (0: fixed pacing at --scale)"),
+    ("--scale", float, 2.0, "initial pacing scale (rates multiply by it; default 2)"),
+    ("--max-scale", float, 40.0, "upper bound of the pacing scale"),
+    ("--push-interval", float, 5.0, "mean seconds between a producer's PUSHes at scale 1 (default 5)"),
+    ("--batch-interval", float, 5.0, "mean seconds between a batch producer's batches at scale 1 (default 5)"),
+    ("--violation-rate", float, 0.3, "chance that a batch producer follows a commit with a violation (default 0.3)"),
+    ("--fail-rate", float, 0.03, "chance a worker FAILs a job (default 0.03)"),
+    ("--work-ms", float, 5.0, "mean simulated work per job, ms (default 5)"),
+    ("--payload", int, 100, "bytes of padding in each job's args"),
+    ("--max-jobs", int, 5_000_000, "stop pushing after this many jobs"),
+    ("--drain", float, 30.0, "max seconds for the workers to drain at the end"),
+    ("--report-every", float, 30.0, "seconds between reports (default 30)"),
+)  # fmt: skip
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--load":
         load.main(SoakSpec.from_json(sys.argv[2]))
@@ -428,54 +459,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--minutes", type=float, default=10.0, help="minutes of load (default 10)")
-    parser.add_argument("--connections", type=int, default=1000, help="client connections (default 1000)")
-    parser.add_argument(
-        "--workers", type=float, default=0.15, help="fraction of connections that are workers"
-    )
-    parser.add_argument("--batchers", type=float, default=0.10, help="fraction that are batch producers")
-    parser.add_argument(
-        "--target-cpu",
-        type=float,
-        default=65.0,
-        help="machine busy %% the pacing aims at (0: fixed pacing at --scale)",
-    )
-    parser.add_argument(
-        "--scale", type=float, default=2.0, help="initial pacing scale (rates multiply by it; default 2)"
-    )
-    parser.add_argument("--max-scale", type=float, default=40.0, help="upper bound of the pacing scale")
-    parser.add_argument(
-        "--push-interval",
-        type=float,
-        default=5.0,
-        help="mean seconds between a producer's PUSHes at scale 1 (default 5)",
-    )
-    parser.add_argument(
-        "--batch-interval",
-        type=float,
-        default=5.0,
-        help="mean seconds between a batch producer's batches at scale 1 (default 5)",
-    )
-    parser.add_argument(
-        "--violation-rate",
-        type=float,
-        default=0.3,
-        help="chance that a batch producer follows a commit with a violation (default 0.3)",
-    )
-    parser.add_argument(
-        "--fail-rate", type=float, default=0.03, help="chance a worker FAILs a job (default 0.03)"
-    )
-    parser.add_argument(
-        "--work-ms", type=float, default=5.0, help="mean simulated work per job, ms (default 5)"
-    )
-    parser.add_argument("--payload", type=int, default=100, help="bytes of padding in each job's args")
-    parser.add_argument("--max-jobs", type=int, default=5_000_000, help="stop pushing after this many jobs")
-    parser.add_argument(
-        "--drain", type=float, default=30.0, help="max seconds for the workers to drain at the end"
-    )
-    parser.add_argument(
-        "--report-every", type=float, default=30.0, help="seconds between reports (default 30)"
-    )
+    for flag, kind, default, text in FLAGS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--gateway-flag",
