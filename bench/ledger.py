@@ -37,7 +37,7 @@ from bench.lag import ControlServer, LagSampler
 from bench.lib import load
 from bench.lib.load import LoadSpec, Mode, abba, take_latencies
 from bench.lib.process import rss_kib, stop_all
-from bench.lib.report import log, percentiles, write_json
+from bench.lib.report import RESULTS, log, percentiles, write_json
 from bench.lib.resp import redis_info, redis_value
 from tests.support.client import RawClient
 from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
@@ -201,7 +201,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--expire-after", type=float, default=5.0,
                         help="the 'expiring' memory ledger's retention, counted from its fill")  # fmt: skip
-    parser.add_argument("--json", default=str(BENCH / "results" / "ledger.json"))
+    parser.add_argument("--json", default=str(RESULTS / "ledger.json"))
     args = parser.parse_args()
     control = ControlServer().start()
     args.control_port = control.port

@@ -32,13 +32,12 @@ from bench.lib import load, profiling
 from bench.lib.load import LoadSpec, Mode, abba, take_latencies
 from bench.lib.process import children_of, raise_nofile, rss_kib, set_affinity, stop_all
 from bench.lib.proxies import HAProxyProcess, RelayProcess
-from bench.lib.report import Target, fmt, heading, log, percentiles, write_json
+from bench.lib.report import RESULTS, Target, fmt, heading, log, percentiles, write_json
 from tests.support.client import RawClient
 from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
 from tests.support.standin import StandinProcess
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "fetch16-1k", "lat-push", "lat-beat", "idle",
              "loop-lag", "batch")  # fmt: skip
 FETCH_1K_PAYLOAD = 1024  # bytes of padding per job in fetch16-1k: a job of about 1.1 KiB

@@ -5,8 +5,8 @@
 
 It starts real Faktory, the Ent stand-in in front of it, one Redis and two gateways (`--redis`, the
 same store) in front of the stand-in, all on free loopback ports. A separate load process (this
-file with `--load`, asyncio + uvloop, raw sockets, no Faktory library, nothing from gateway/) opens
-the connections, split evenly across the two gateways:
+file with `--load`; its code is bench/soakload/, a module per role; asyncio + uvloop, raw sockets, no
+Faktory library, nothing from gateway/) opens the connections, split evenly across the two gateways:
 
 - producers (most of them): a PUSH every few seconds each;
 - workers: FETCH, a few ms of "work", ACK (some FAIL), a BEAT every 15 s;
@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.lib, tests.support
 
 from bench.lib.process import Tag, children_of, memory_and_fds, raise_nofile, stop_all, tagged
-from bench.lib.report import Check, log, ms, write_json
+from bench.lib.report import RESULTS, Check, log, ms, write_json
 from bench.lib.resp import redis_info, redis_value
 from bench.soakload import load
 from bench.soakload.client import Role
@@ -47,7 +47,6 @@ from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
 from tests.support.standin import StandinProcess
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 
 
 def role_counts(conns: int, workers: float, batchers: float) -> dict[Role, int]:

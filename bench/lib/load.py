@@ -61,14 +61,15 @@ class LoadSpec:
     go_together: bool = True  # connections start sending when all are handshaken
     concurrency: int = 64  # idle: handshakes at once
 
+    def __post_init__(self):
+        self.mode = Mode(self.mode)  # from JSON it comes as a str
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> LoadSpec:
-        spec = cls(**json.loads(text))
-        spec.mode = Mode(spec.mode)
-        return spec
+        return cls(**json.loads(text))
 
 
 def start(spec: LoadSpec, stdin: bool = False) -> subprocess.Popen:

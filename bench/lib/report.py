@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+# Where the results go by default (--json): bench/results/, not committed.
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
 
 def log(message: str) -> None:
     """A progress line on stderr (the tables go to stdout)."""

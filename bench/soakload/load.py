@@ -145,9 +145,9 @@ class Load:
         loop = asyncio.get_running_loop()
         counts = spec.roles
         roles = (
-            [Role.WORKER] * counts["worker"]
-            + [Role.BATCH] * counts["batch"]
-            + [Role.PRODUCER] * counts["producer"]
+            [Role.WORKER] * counts[Role.WORKER]
+            + [Role.BATCH] * counts[Role.BATCH]
+            + [Role.PRODUCER] * counts[Role.PRODUCER]
         )
         # Consecutive connections go to alternate gateways, so each role is split evenly between them.
         self.conns = [Client(i, role, i % 2, spec.gateways[i % 2]) for i, role in enumerate(roles)]

@@ -13,7 +13,7 @@ class SoakSpec:
     faktory_url: str  # for INFO (the drain and the audit)
     standin_url: str  # for STANDIN REPORT (the audit)
     conns: int
-    roles: dict[str, int]  # connections per role: {"worker": n, "batch": n, "producer": n}
+    roles: dict[str, int]  # connections per role ({Role: n}; str keys once through JSON, equal to a Role)
     duration: float  # seconds of load
     report_every: float  # seconds between TICK reports
     target_cpu: float  # machine busy fraction the pacing aims at; 0 keeps the scale fixed
