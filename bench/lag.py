@@ -14,6 +14,7 @@ probe count.
 
 or from Python (what bench/run.py's `loop-lag` scenario does):
 
+    from bench.lag import ControlServer, LagSampler
     sampler = LagSampler(gateway.http_port, seconds=5).start()
     ...                      # the load whose stalls you want to see
     stats = sampler.result()  # {"probes", "p50_us", "p99_us", "p999_us", "max_us", "over_1ms", ...}
@@ -36,10 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository: bench.lib, tests.support
 
-from loadgen import percentiles  # noqa: E402 (bench/ is this script's own folder)
+from bench.lib.report import percentiles
+from tests.support.processes import Process, free_port
 
 perf_counter = time.perf_counter
 THRESHOLDS_MS = (1, 5, 20, 100)
@@ -145,6 +146,19 @@ class LagSampler:
             if line.startswith("{"):
                 return json.loads(line)
         raise RuntimeError(f"lag sampler failed ({self.proc.returncode}): {err[-2000:]}")
+
+
+class ControlServer(Process):
+    """`lag.py --serve` on a free port: the control to probe beside the gateway."""
+
+    def __init__(self):
+        self.port = free_port()
+        super().__init__([sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)])
+
+    def start(self) -> ControlServer:
+        super().start()
+        self.wait_for_line("serving /liveness")
+        return self
 
 
 def serve(port: int) -> None:

@@ -29,22 +29,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from array import array
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.lib, tests.support
+
+from bench.lag import ControlServer, LagSampler
+from bench.lib import load
+from bench.lib.load import LoadSpec, Mode, abba, take_latencies
+from bench.lib.process import rss_kib, stop_all
+from bench.lib.report import RESULTS, log, percentiles, write_json
+from bench.lib.resp import redis_info, redis_value
+from tests.support.client import RawClient
+from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
+from tests.support.standin import StandinProcess
+
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from lag import LagSampler  # noqa: E402 (bench/ is this script's own folder)
-from loadgen import percentiles, redis_replies  # noqa: E402
-from run import REPO, loadgen, log  # noqa: E402
-
-from tests.support.client import RawClient  # noqa: E402
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
-from tests.support.standin import StandinProcess  # noqa: E402
-
 LAUNCHER = str(BENCH / "ledger_gateway.py")
-LOADS = {"push16": "push", "batch16": "batchpush"}
+LOADS = {"push16": Mode.PUSH, "batch16": Mode.BATCHPUSH}
 
 
 class FilledGateway(GatewayProcess):
@@ -73,15 +74,8 @@ def fill_redis(redis: RedisServer, batches: int, prefix: str = "fgw:") -> float:
     return time.perf_counter() - started
 
 
-def redis_info(redis: RedisServer, *command: str):
-    (reply,) = redis_replies("127.0.0.1", redis.port, " ".join(command).encode())
-    return reply
-
-
 def used_memory(redis: RedisServer) -> int:
-    info = redis_info(redis, "INFO", "memory")
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    return next(int(line.split(":")[1]) for line in text.splitlines() if line.startswith("used_memory:"))
+    return int(redis_info(redis.url, "memory")["used_memory"])
 
 
 def first_reply_seconds(upstream: str, redis_url: str) -> float:
@@ -102,19 +96,13 @@ def measure(name: str, target: GatewayProcess, upstream_pids: list[int], args, t
     """One window of one load on one target, with the loop-lag sampler on the target, and one on
     the control (a bare aiohttp server: what the machine alone does to a probe at that moment)."""
     lat_file = tmp / (name.replace("/", "-") + ".lat")
-    spec = {
-        "mode": LOADS[name.split("/")[0]], "url": target.url, "conns": 16, "warmup": args.warmup,
-        "duration": args.duration, "payload": 100, "lat_file": str(lat_file), "wid": None, "queue": "bench",
-        "watch": {"gateway": [target.proc.pid], "faktory": upstream_pids},
-    }  # fmt: skip
+    spec = LoadSpec(LOADS[name.split("/")[0]], url=target.url, conns=16, warmup=args.warmup, duration=args.duration,
+                    payload=100, lat_file=str(lat_file), watch={"gateway": [target.proc.pid], "faktory": upstream_pids})  # fmt: skip
     sampler = LagSampler(target.http_port, args.warmup + args.duration + 1).start()
     control = LagSampler(args.control_port, args.warmup + args.duration + 1).start()
-    out = loadgen(spec)
+    out = load.run(spec)
     lag, control_lag = sampler.result(), control.result()
-    lat = array("d")
-    if lat_file.exists():
-        lat.frombytes(lat_file.read_bytes())
-        lat_file.unlink()
+    lat = take_latencies(lat_file)
     return {"ops_per_s": out["ops_per_s"], "errors": out["errors"], "latency": percentiles(lat), "lag": lag,
             "control_lag": control_lag,
             "cpu_us_per_cmd": out["proc_cpu_s"]["gateway"] / max(out["commands"], 1) * 1e6}  # fmt: skip
@@ -123,12 +111,12 @@ def measure(name: str, target: GatewayProcess, upstream_pids: list[int], args, t
 def rounds(targets: dict[str, GatewayProcess], upstream_pids: list[int], args, tmp: Path) -> dict:
     results: dict[str, dict[str, list[dict]]] = {}
     labels = list(targets)
-    for load in LOADS:
+    for name in LOADS:
         for r in range(args.rounds):
-            for label in labels if r % 2 == 0 else labels[::-1]:
-                log(f"  {load} {label} round {r + 1}")
-                one = measure(f"{load}/{label}", targets[label], upstream_pids, args, tmp)
-                results.setdefault(load, {}).setdefault(label, []).append(one)
+            for label in abba(labels, r):
+                log(f"  {name} {label} round {r + 1}")
+                one = measure(f"{name}/{label}", targets[label], upstream_pids, args, tmp)
+                results.setdefault(name, {}).setdefault(label, []).append(one)
     return results
 
 
@@ -144,8 +132,7 @@ def run_memory(args, upstream: str, upstream_pids: list[int], tmp: Path) -> dict
         return {"store": "memory", "bytes_per_batch": per_batch, "results": results,
                 "fill_log": [line for line in full.output if "ledger filled" in line]}  # fmt: skip
     finally:
-        for gateway in (empty, full, expiring):
-            gateway.stop()
+        stop_all(empty, full, expiring)
 
 
 def run_redis(args, upstream: str, upstream_pids: list[int], tmp: Path) -> dict:
@@ -155,7 +142,7 @@ def run_redis(args, upstream: str, upstream_pids: list[int], tmp: Path) -> dict:
         base = used_memory(full_redis)
         fill_s = fill_redis(full_redis, args.batches)
         per_batch_used = (used_memory(full_redis) - base) / max(args.batches, 1)
-        key_usage = int(redis_info(full_redis, "MEMORY", "USAGE", "fgw:{b-bench00000000000}:state"))
+        key_usage = int(redis_value(full_redis.url, "MEMORY USAGE fgw:{b-bench00000000000}:state"))
         first_empty = first_reply_seconds(upstream, empty_redis.url)
         first_full = first_reply_seconds(upstream, full_redis.url)
         empty = GatewayProcess(upstream, "--redis", empty_redis.url, "--log-level", "warning").start()
@@ -163,13 +150,11 @@ def run_redis(args, upstream: str, upstream_pids: list[int], tmp: Path) -> dict:
         try:
             results = rounds({"empty": empty, "full": full}, upstream_pids, args, tmp)
         finally:
-            empty.stop()
-            full.stop()
+            stop_all(empty, full)
         return {"store": "redis", "fill_s": fill_s, "bytes_per_batch": per_batch_used, "key_usage": key_usage,
                 "first_reply_s": {"empty": first_empty, "full": first_full}, "results": results}  # fmt: skip
     finally:
-        empty_redis.cleanup()
-        full_redis.cleanup()
+        stop_all(empty_redis, full_redis)
 
 
 def report(outcomes: list[dict], args) -> str:
@@ -179,7 +164,7 @@ def report(outcomes: list[dict], args) -> str:
               f"{'lag p99 µs':>10} {'lag max µs':>10} {'probes>5ms':>10} {'ctl max µs':>10}")  # fmt: skip
     lines += [header, "-" * len(header)]
     for outcome in outcomes:
-        for load, per_target in outcome["results"].items():
+        for name, per_target in outcome["results"].items():
             for label, windows in per_target.items():
                 ops = sum(w["ops_per_s"] for w in windows) / len(windows)
                 p50 = max(w["latency"]["p50_us"] for w in windows if w["latency"])
@@ -189,7 +174,7 @@ def report(outcomes: list[dict], args) -> str:
                 lagmax = max(w["lag"]["max_us"] for w in windows)
                 over5 = sum(w["lag"]["over_5ms"] for w in windows)
                 ctl = max(w["control_lag"]["max_us"] for w in windows)
-                lines.append(f"{outcome['store']:7} {load:8} {label:9} {ops:8.0f} {p50:8.0f} {p99:8.0f} {cpu:10.1f} "
+                lines.append(f"{outcome['store']:7} {name:8} {label:9} {ops:8.0f} {p50:8.0f} {p99:8.0f} {cpu:10.1f} "
                              f"{lag99:10.0f} {lagmax:10.0f} {over5:10d} {ctl:10.0f}")  # fmt: skip
     lines.append("")
     for outcome in outcomes:
@@ -216,11 +201,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--expire-after", type=float, default=5.0,
                         help="the 'expiring' memory ledger's retention, counted from its fill")  # fmt: skip
-    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "ledger.json"))
+    parser.add_argument("--json", default=str(RESULTS / "ledger.json"))
     args = parser.parse_args()
-    control = Process([sys.executable, str(BENCH / "lag.py"), "--serve", str(free_port())])
-    control.start()
-    args.control_port = int(control.wait_for_line("serving /liveness").rsplit(":", 1)[1])
+    control = ControlServer().start()
+    args.control_port = control.port
     faktory = FaktoryServer().start()
     standin = StandinProcess(faktory.url).start()
     upstream_pids = [standin.proc.pid, faktory.proc.pid]
@@ -231,13 +215,10 @@ def main() -> int:
                 run = run_memory if store == "memory" else run_redis
                 outcomes.append(run(args, standin.url, upstream_pids, Path(tmp)))
     finally:
-        standin.stop()
-        faktory.cleanup()
-        control.stop()
+        stop_all(standin, faktory, control)
     text = report(outcomes, args)
     print(text)
-    Path(args.json).parent.mkdir(exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "outcomes": outcomes}, indent=1, default=str))
+    write_json(args.json, {"args": vars(args), "outcomes": outcomes})
     return 0
 
 

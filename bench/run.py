@@ -17,9 +17,7 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,20 +25,19 @@ from array import array
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.lib, tests.support
+
+from bench import lag
+from bench.lib import load, profiling
+from bench.lib.load import LoadSpec, Mode, abba, take_latencies
+from bench.lib.process import children_of, raise_nofile, rss_kib, set_affinity, stop_all
+from bench.lib.proxies import HAProxyProcess, RelayProcess
+from bench.lib.report import RESULTS, Target, fmt, heading, log, percentiles, write_json
+from tests.support.client import RawClient
+from tests.support.processes import FaktoryServer, GatewayProcess, RedisServer
+from tests.support.standin import StandinProcess
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from lag import LagSampler  # noqa: E402 (bench/ is this script's own folder)
-from loadgen import percentiles  # noqa: E402
-from proxies import HAProxyProcess, RelayProcess  # noqa: E402
-
-from tests.support.client import RawClient  # noqa: E402 (after the sys.path entry)
-from tests.support.processes import FaktoryServer, GatewayProcess, Process, RedisServer, free_port, rss_kib  # noqa: E402
-from tests.support.standin import StandinProcess  # noqa: E402
-
-LOADGEN = str(REPO / "bench" / "loadgen.py")
-LAG = str(REPO / "bench" / "lag.py")
-RESULTS = REPO / "bench" / "results"
 SCENARIOS = ("push1", "push16", "push16-pinned", "fetch16", "fetch16-1k", "lat-push", "lat-beat", "idle",
              "loop-lag", "batch")  # fmt: skip
 FETCH_1K_PAYLOAD = 1024  # bytes of padding per job in fetch16-1k: a job of about 1.1 KiB
@@ -60,73 +57,8 @@ TARGETS = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
-# Processes and sampling
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def set_affinity(pids: list[int], cpus: set[int]) -> None:
-    """Pin every thread of each process (Go's runtime threads included)."""
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                os.sched_setaffinity(int(tid), cpus)
-            except (ProcessLookupError, FileNotFoundError):
-                pass
-
-
-def perf_split(perf: str, pid: str, seconds: int, data: Path) -> dict | None:
-    """Where a process's CPU goes, by shared object and by top symbol: `perf record` for `seconds`."""
-    record = subprocess.run([perf, "record", "-F", "999", "-g", "-p", pid, "-o", str(data), "--", "sleep",
-                             str(seconds)], check=False, capture_output=True, text=True)  # fmt: skip
-    if record.returncode != 0 or not data.exists():
-        return {"error": record.stderr.strip()[-300:]}
-
-    def table(sort: str, limit: int) -> list[tuple[str, float]]:
-        out = subprocess.run([perf, "report", "-i", str(data), "--no-children", "--sort", sort, "--stdio", "-g",
-                              "none"], check=False, capture_output=True, text=True).stdout  # fmt: skip
-        rows = []
-        for line in out.splitlines():
-            match = re.match(r"\s*([\d.]+)%\s+(.*\S)", line)
-            if match and not line.startswith("#"):
-                rows.append((match.group(2), float(match.group(1))))
-        return rows[:limit]
-
-    return {"by_object_pct": table("dso", 8), "by_symbol_pct": table("dso,sym", 25)}
-
-
-def loadgen(spec: dict, timeout: float | None = None) -> dict:
-    timeout = timeout or spec.get("warmup", 1) + spec.get("duration", 0) * 2 + 60
-    done = subprocess.run(
-        [sys.executable, LOADGEN, json.dumps(spec)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+# The benchmark: its processes, the loads through them, the scenarios
 
 
 class Bench:
@@ -163,12 +95,7 @@ class Bench:
             log(f"haproxy pid {self.haproxy.proc.pid} on {self.haproxy.url} (mode tcp, nbthread 1)")
 
     def stop(self) -> None:
-        for process in (self.haproxy, self.relay, self.gateway, self.faktory):
-            if process is not None:
-                try:
-                    process.cleanup() if hasattr(process, "cleanup") else process.stop()
-                except Exception as exc:
-                    log(f"stopping {process.argv[0]}: {exc}")
+        stop_all(self.haproxy, self.relay, self.gateway, self.faktory)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def references(self) -> dict[str, str]:
@@ -203,7 +130,7 @@ class Bench:
     def throughput(
         self,
         name: str,
-        mode: str,
+        mode: Mode,
         conns: int,
         targets: dict[str, str],
         watch: dict,
@@ -223,21 +150,18 @@ class Bench:
             for label in labels
         }  # fmt: skip
         for r in range(args.rounds):
-            order = labels if r % 2 == 0 else labels[::-1]
-            for label in order:
+            for label in abba(labels, r):
                 if prepare:
                     prepare()
                 lat_file = self.tmp / f"{name}-{label}-{r}.lat"
-                spec = {
-                    "mode": mode, "url": targets[label], "conns": conns, "warmup": args.warmup,
-                    "duration": args.duration, "payload": payload, "watch": watch, "lat_file": str(lat_file),
-                    "wid": f"bench-{mode}" if mode == "fetchack" else None, "queue": "bench",
-                    **(extra or {}),
-                }  # fmt: skip
-                if redis_url and label != "direct":
-                    spec["watch_redis"] = redis_url
-                out = loadgen(spec)
-                if mode == "fetchack":  # the next windows' queues are sized by the fastest one seen
+                spec = LoadSpec(
+                    mode, url=targets[label], conns=conns, warmup=args.warmup, duration=args.duration,
+                    payload=payload, watch=watch, lat_file=str(lat_file),
+                    wid=f"bench-{mode}" if mode == Mode.FETCHACK else None,
+                    watch_redis=redis_url if label != "direct" else None, **(extra or {}),
+                )  # fmt: skip
+                out = load.run(spec)
+                if mode == Mode.FETCHACK:  # the next windows' queues are sized by the fastest one seen
                     self.fill_rate = max(self.fill_rate, out["ops_per_s"])
                 acc = per[label]
                 acc["rounds"].append({k: out[k] for k in ("ops_per_s", "commands", "wall_s", "errors")})
@@ -251,10 +175,7 @@ class Bench:
                 acc["loadgen_cpu_s"] += out["loadgen_cpu_s"]
                 acc["machine_busy"].append(out["machine_busy_cores"])
                 acc["redis_calls"].update(out.get("redis_calls") or {})
-                if lat_file.exists():
-                    with open(lat_file, "rb") as f:
-                        acc["lat"].frombytes(f.read())
-                    lat_file.unlink()
+                take_latencies(lat_file, acc["lat"])
                 log(f"  {name} {label:8} round {r + 1}: {out['ops_per_s']:9.0f} ops/s"
                     f"{'  errors ' + str(out['errors']) if out['errors'] else ''}")  # fmt: skip
         result = {"scenario": name, "mode": mode, "conns": conns, "payload": payload}
@@ -296,7 +217,7 @@ class Bench:
         name = f"push{conns}"
         log(f"{name}: PUSH, {conns} producer(s), one command in flight each")
         targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
-        return self.throughput(name, "push", conns, targets, self.watch(), prepare=self.flush)
+        return self.throughput(name, Mode.PUSH, conns, targets, self.watch(), prepare=self.flush)
 
     def run_push_pinned(self, conns: int) -> dict:
         """PUSH with the gateway alone on CPU 1 and everything else on CPU 0, as if it had its own core."""
@@ -312,7 +233,7 @@ class Bench:
             set_affinity(others, {first})
             set_affinity([self.gateway.proc.pid], {second})
             targets = {"direct": self.faktory.url, "gateway": self.gateway.url}
-            return self.throughput(name, "push", conns, targets, self.watch(), prepare=self.flush,
+            return self.throughput(name, Mode.PUSH, conns, targets, self.watch(), prepare=self.flush,
                                    extra={"cpus": [first]})  # fmt: skip
         finally:
             set_affinity([*others, self.gateway.proc.pid], cpus)
@@ -332,11 +253,11 @@ class Bench:
         # Size the queue from a quick direct probe so it cannot run dry.
         self.flush()
         self.fill("bench", 20000, payload)
-        out = loadgen({"mode": "fetchack", "url": self.faktory.url, "conns": conns, "warmup": 0.5, "duration": 1.0,
-                       "payload": payload, "wid": "bench-probe", "queue": "bench"})  # fmt: skip
+        out = load.run(LoadSpec(Mode.FETCHACK, url=self.faktory.url, conns=conns, warmup=0.5, duration=1.0,
+                                payload=payload, wid="bench-probe"))  # fmt: skip
         self.fill_rate = max(out["ops_per_s"], 1000.0)
         return self.throughput(
-            name, "fetchack", conns, targets, self.watch(), prepare=prepare, payload=payload
+            name, Mode.FETCHACK, conns, targets, self.watch(), prepare=prepare, payload=payload
         )
 
     def run_latency(self, command: str) -> dict:
@@ -346,9 +267,9 @@ class Bench:
         self.flush()
         targets = {"direct": self.faktory.url, "gateway": self.gateway.url, **self.references()}
         # The targets share the window, so each gets a share of it: give it that many times the time.
-        out = loadgen({"mode": "latency", "command": command, "targets": targets, "warmup": args.warmup,
-                       "duration": args.duration * len(targets), "payload": args.payload, "block": 100,
-                       "watch": self.watch(), "queue": "bench"})  # fmt: skip
+        out = load.run(LoadSpec(Mode.LATENCY, command=command, targets=targets, warmup=args.warmup,
+                                duration=args.duration * len(targets), payload=args.payload, block=100,
+                                watch=self.watch()))  # fmt: skip
         result = {"scenario": name, "mode": "latency", "conns": 1}
         wall = out["wall_s"]
         total = sum(out["commands"].values())
@@ -415,9 +336,7 @@ class Bench:
         }  # fmt: skip
 
     def idle_round(self, gateway: GatewayProcess, n: int, hold: bool = False):
-        spec = {"mode": "idle", "url": gateway.url, "conns": n, "wid": "bench-idle"}
-        proc = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+        proc = load.start(LoadSpec(Mode.IDLE, url=gateway.url, conns=n, wid="bench-idle"), stdin=True)
         line = proc.stdout.readline()
         if not line.startswith("READY"):
             proc.kill()
@@ -442,35 +361,27 @@ class Bench:
         args = self.args
         log(f"loop-lag: GET /liveness every 1 ms, {args.duration:g} s per window: the gateway and a bare aiohttp "
             "server, idle and under push16 through the gateway")  # fmt: skip
-        control = Process([sys.executable, LAG, "--serve", str(free_port())])
-        control.start()
-        control_port = int(control.wait_for_line("serving /liveness").rsplit(":", 1)[1])
+        control = lag.ControlServer().start()
         try:
-            out = {"idle": LagSampler(self.gateway.http_port, args.duration).start().result(),
-                   "idle-control": LagSampler(control_port, args.duration).start().result()}  # fmt: skip
+            out = {"idle": lag.LagSampler(self.gateway.http_port, args.duration).start().result(),
+                   "idle-control": lag.LagSampler(control.port, args.duration).start().result()}  # fmt: skip
             self.flush()
-            spec = {"mode": "push", "url": self.gateway.url, "conns": 16, "warmup": args.warmup,
-                    "duration": 2 * args.duration + 1.5, "payload": args.payload, "watch": self.watch(),
-                    "queue": "bench"}  # fmt: skip
-            gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE,
-                                   text=True, cwd=REPO)  # fmt: skip
+            gen = load.start(LoadSpec(Mode.PUSH, url=self.gateway.url, conns=16, warmup=args.warmup,
+                                      duration=2 * args.duration + 1.5, payload=args.payload,
+                                      watch=self.watch()))  # fmt: skip
             try:
                 time.sleep(args.warmup + 0.5)  # the generator's connections are up and its window is open
-                out["push16"] = LagSampler(self.gateway.http_port, args.duration).start().result()
-                out["push16-control"] = LagSampler(control_port, args.duration).start().result()
-                stdout, _ = gen.communicate(timeout=args.warmup + 2 * args.duration + 60)
+                out["push16"] = lag.LagSampler(self.gateway.http_port, args.duration).start().result()
+                out["push16-control"] = lag.LagSampler(control.port, args.duration).start().result()
             finally:
-                if gen.poll() is None:
-                    gen.kill()
-                    gen.wait()
+                pushed = load.finish(gen, timeout=args.warmup + 2 * args.duration + 60)
         finally:
             control.stop()
-        load = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), {})
-        for name, lag in out.items():
-            log(f"  loop-lag {name}: {lag['probes']} probes, p50 {lag.get('p50_us', 0):.0f} µs, "
-                f"p99 {lag.get('p99_us', 0):.0f} µs, max {lag.get('max_us', 0):.0f} µs")  # fmt: skip
-        return {"scenario": "loop-lag", **out, "push16_ops_per_s": load.get("ops_per_s"),
-                "push16_errors": load.get("errors")}  # fmt: skip
+        for name, stats in out.items():
+            log(f"  loop-lag {name}: {stats['probes']} probes, p50 {stats.get('p50_us', 0):.0f} µs, "
+                f"p99 {stats.get('p99_us', 0):.0f} µs, max {stats.get('max_us', 0):.0f} µs")  # fmt: skip
+        return {"scenario": "loop-lag", **out, "push16_ops_per_s": pushed.get("ops_per_s"),
+                "push16_errors": pushed.get("errors")}  # fmt: skip
 
     # --------------------------------------------------------------------------------------------
     def run_batch(self) -> dict:
@@ -485,16 +396,14 @@ class Bench:
             targets = {"direct": standin.url, "gateway": gateway.url}
             watch = {**self.watch(gateway, standin_pids), "ledger": [redis.proc.pid]}
             conns = 16
-            batch = self.throughput("batch16", "batchpush", conns, targets, watch, prepare=self.flush,
+            batch = self.throughput("batch16", Mode.BATCHPUSH, conns, targets, watch, prepare=self.flush,
                                     redis_url=redis.url)  # fmt: skip
-            plain = self.throughput("push16-ledger", "push", conns, targets, watch, prepare=self.flush,
+            plain = self.throughput("push16-ledger", Mode.PUSH, conns, targets, watch, prepare=self.flush,
                                     redis_url=redis.url)  # fmt: skip
             if self.args.profile == "batch":
                 self.profile_result = self.profile("batch", gateway)
         finally:
-            for process in (gateway, standin, redis):
-                if process is not None:
-                    process.stop()
+            stop_all(gateway, standin, redis)
         return {"scenario": "batch", "batch": batch, "plain": plain}
 
     # --------------------------------------------------------------------------------------------
@@ -505,62 +414,39 @@ class Bench:
         between the kernel (socket calls), the interpreter and uvloop. The process's CPU per command
         over the same load turns the percentages into microseconds per command.
         """
-        # py-spy from PATH, or from the virtualenv running this script (.venv/bin/python bench/run.py).
-        py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        py_spy = profiling.py_spy()
         if not py_spy:
             return {"process": label, "skipped": "py-spy not installed (pip install py-spy)"}
         gateway = gateway or self.gateway
-        modes = {"push1": ("push", 1), "push16": ("push", 16), "fetch16": ("fetchack", 16),
-                 "batch": ("batchpush", 16)}  # fmt: skip
-        mode, conns = modes.get(scenario, ("push", 16))
+        modes = {"push1": (Mode.PUSH, 1), "push16": (Mode.PUSH, 16), "fetch16": (Mode.FETCHACK, 16),
+                 "batch": (Mode.BATCHPUSH, 16)}  # fmt: skip
+        mode, conns = modes.get(scenario, (Mode.PUSH, 16))
         RESULTS.mkdir(exist_ok=True)
         raw = RESULTS / f"profile-{scenario}{'' if label == 'gateway' else '-' + label}.txt"
         seconds = max(1, round(self.args.profile_seconds))
         perf_seconds = max(2, seconds // 2)
         perf = shutil.which("perf")
         self.flush()
-        if mode == "fetchack":
+        if mode == Mode.FETCHACK:
             self.fill("bench", int(self.fill_rate * (seconds + perf_seconds + 3) * 1.5), self.args.payload)
         log(f"profile: py-spy on the {label} under {scenario} for {seconds} s" + (
             f", then perf for {perf_seconds} s" if perf else ""))  # fmt: skip
-        spec = {"mode": mode, "url": gateway.url, "conns": conns, "warmup": 0.5,
-                "duration": seconds + (perf_seconds + 1 if perf else 0) + 1.5, "payload": self.args.payload,
-                "queue": "bench", "wid": "bench-prof" if mode == "fetchack" else None,
-                "watch": {label: [gateway.proc.pid]}}  # fmt: skip
-        gen = subprocess.Popen([sys.executable, LOADGEN, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+        gen = load.start(LoadSpec(mode, url=gateway.url, conns=conns, warmup=0.5,
+                                  duration=seconds + (perf_seconds + 1 if perf else 0) + 1.5,
+                                  payload=self.args.payload, wid="bench-prof" if mode == Mode.FETCHACK else None,
+                                  watch={label: [gateway.proc.pid]}))  # fmt: skip
         time.sleep(0.8)
-        pid = str(gateway.proc.pid)
-        common = ["--pid", pid, "--duration", str(seconds), "--rate", "250", "--nonblocking"]
-        if raw.exists():
-            raw.unlink()
-        spy = subprocess.run([py_spy, "record", *common, "--format", "raw", "-o", str(raw)], check=False,
-                             capture_output=True, text=True)  # fmt: skip
-        split = None
-        if perf:
-            split = perf_split(perf, pid, perf_seconds, self.tmp / "perf.data")
-        out, _ = gen.communicate(timeout=90)
-        load = next((json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")), {})
-        cpu_us = load["proc_cpu_s"][label] / load["commands"] * 1e6 if load.get("commands") else None
+        pid = gateway.proc.pid
+        spy_errors = profiling.record_stacks(py_spy, pid, seconds, raw)
+        split = profiling.perf_split(perf, pid, perf_seconds, self.tmp / "perf.data") if perf else None
+        loaded = load.finish(gen, timeout=90)
+        cpu_us = loaded["proc_cpu_s"][label] / loaded["commands"] * 1e6 if loaded.get("commands") else None
         if not raw.exists():
-            return {"skipped": f"py-spy produced nothing: {spy.stderr.strip()[-500:]}"}
-        stacks = Counter()
-        with open(raw) as f:
-            for line in f:
-                stack, _, count = line.rstrip().rpartition(" ")
-                if stack:
-                    stacks[stack] += int(count)
-        total = sum(stacks.values())
-        self_time, inclusive = Counter(), Counter()
-        for stack, count in stacks.items():
-            frames = stack.split(";")
-            self_time[frames[-1]] += count
-            for frame in set(frames):
-                inclusive[frame] += count
-        top_self = [(frame, round(100 * c / total, 1)) for frame, c in self_time.most_common(25)]
-        top_incl = [(frame, round(100 * c / total, 1)) for frame, c in inclusive.most_common(40)]
-        return {"scenario": scenario, "process": label, "samples": total, "raw": str(raw.relative_to(REPO)),
-                "cpu_us_per_cmd": cpu_us, "top_self_pct": top_self, "top_inclusive_pct": top_incl,
-                "perf": split}  # fmt: skip
+            return {"skipped": f"py-spy produced nothing: {spy_errors.strip()[-500:]}"}
+        frames = profiling.top_frames(raw)
+        return {"scenario": scenario, "process": label, "samples": frames["samples"],
+                "raw": str(raw.relative_to(REPO)), "cpu_us_per_cmd": cpu_us, "top_self_pct": frames["top_self_pct"],
+                "top_inclusive_pct": frames["top_inclusive_pct"], "perf": split}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,12 +473,8 @@ def compare(r: dict) -> None:
         r["cpu_vs_relay"] = ratio(gw.get("gateway_cpu_us_per_cmd"), r["relay"].get("gateway_cpu_us_per_cmd"))
 
 
-def fmt(value, spec: str = ".0f", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
-    """(what, target, measured, passed) for each target; passed None when it could not be measured."""
+def verdicts(results: list[dict]) -> list[Target]:
+    """Each target of the scenarios that ran; passed None when it could not be measured."""
     out = []
     by = {r["scenario"]: r for r in results}
 
@@ -601,14 +483,14 @@ def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
             return
         ratio = by[name].get("vs_haproxy")
         limit = TARGETS[key]
-        out.append((what, f">= {limit:.2f}x HAProxy", "no HAProxy" if ratio is None else f"{ratio:.2f}x",
+        out.append(Target(what, f">= {limit:.2f}x HAProxy", "no HAProxy" if ratio is None else f"{ratio:.2f}x",
                     None if ratio is None else ratio >= limit))  # fmt: skip
 
     against_haproxy("push16", "PUSH x16 throughput", "push16_vs_haproxy")
     if "push16" in by:
         cpu = by["push16"].get("cpu_vs_relay")
         limit = TARGETS["push16_cpu_vs_relay"]
-        out.append(("PUSH x16 CPU per command", f"<= {limit:.2f}x relay",
+        out.append(Target("PUSH x16 CPU per command", f"<= {limit:.2f}x relay",
                     "no relay" if cpu is None else f"{cpu:.2f}x", None if cpu is None else cpu <= limit))  # fmt: skip
     for name in ("lat-push", "lat-beat"):
         if name in by:
@@ -616,31 +498,35 @@ def verdicts(results: list[dict]) -> list[tuple[str, str, str, bool | None]]:
             for q, key in (("p50", "lat_p50_over_haproxy_us"), ("p99", "lat_p99_over_haproxy_us")):
                 limit = TARGETS[key]
                 measured = "no HAProxy" if over is None else f"{over[q + '_us']:+.0f} µs"
-                out.append((f"{name} {q} over HAProxy's", f"<= +{limit:.0f} µs", measured,
+                out.append(Target(f"{name} {q} over HAProxy's", f"<= +{limit:.0f} µs", measured,
                             None if over is None else over[q + "_us"] <= limit))  # fmt: skip
     against_haproxy("fetch16", "FETCH+ACK x16 throughput", "fetch16_vs_haproxy")
     against_haproxy("fetch16-1k", "FETCH+ACK x16, 1 KiB jobs", "fetch16_vs_haproxy")
     if "idle" in by:
         kib = by["idle"]["kib_per_conn"]
         limit = TARGETS["idle_kib_per_conn"]
-        out.append(("memory per idle connection", f"<= {limit:.0f} KiB", f"{kib:.1f} KiB", kib <= limit))
+        out.append(
+            Target("memory per idle connection", f"<= {limit:.0f} KiB", f"{kib:.1f} KiB", kib <= limit)
+        )
     if "batch" in by:
         b = by["batch"]
         if b.get("skipped"):
-            out.append(("batch PUSH x16 throughput", ">= 0.90x plain PUSH", "skipped", None))
+            out.append(Target("batch PUSH x16 throughput", ">= 0.90x plain PUSH", "skipped", None))
         else:
             batch, plain = b["batch"]["gateway"], b["plain"]["gateway"]
             ratio = batch["ops_per_s"] / plain["ops_per_s"]
-            out.append(("batch PUSH x16 throughput", ">= 0.90x plain PUSH", f"{ratio:.2f}x",
+            out.append(Target("batch PUSH x16 throughput", ">= 0.90x plain PUSH", f"{ratio:.2f}x",
                         ratio >= TARGETS["batch_vs_plain"]))  # fmt: skip
             cpu = batch["gateway_cpu_us_per_cmd"] / plain["gateway_cpu_us_per_cmd"]
-            out.append(("batch PUSH x16 CPU per command", "<= 1.30x plain PUSH", f"{cpu:.2f}x",
+            out.append(Target("batch PUSH x16 CPU per command", "<= 1.30x plain PUSH", f"{cpu:.2f}x",
                         cpu <= TARGETS["batch_cpu_vs_plain"]))  # fmt: skip
             calls = batch.get("redis_calls_per_cmd")
-            out.append(("ledger Redis calls per batch PUSH", "<= 0.05", f"{calls:.3f}",
+            out.append(Target("ledger Redis calls per batch PUSH", "<= 0.05", f"{calls:.3f}",
                         calls <= TARGETS["batch_redis_calls"]))  # fmt: skip
             plain_calls = plain.get("redis_calls_per_cmd")
-            out.append(("non-batch PUSH Redis calls", "0 per PUSH", f"{plain_calls:.3f}", plain_calls == 0))
+            out.append(
+                Target("non-batch PUSH Redis calls", "0 per PUSH", f"{plain_calls:.3f}", plain_calls == 0)
+            )
     return out
 
 
@@ -662,11 +548,6 @@ def spread(side: dict) -> str:
 
 def pair(values: dict | None, sign: str = "") -> str:
     return f"{values['p50_us']:{sign}.0f}/{values['p99_us']:{sign}.0f}" if values else "-"
-
-
-def heading(lines: list[str], title: str, header: str) -> None:
-    """A table's title, column header and rule (after a blank line unless it is the first)."""
-    lines.extend(([""] if lines else []) + [title, header, "-" * len(header)])
 
 
 def report(results: list[dict], meta: dict) -> str:
@@ -753,9 +634,7 @@ def report(results: list[dict], meta: dict) -> str:
                          f"{fmt(s.get('machine_busy_cores'), '.2f'):>12} {s.get('errors', 0):>6}")  # fmt: skip
     lines.append("")
     lines.append("Targets")
-    for what, target, measured, passed in verdicts(results):
-        mark = "n/a " if passed is None else ("PASS" if passed else "MISS")
-        lines.append(f"  {mark}  {what:30} target {target:18} measured {measured}")
+    lines.extend(target.line() for target in verdicts(results))
     for r in results:
         for side in ("direct", *PROXIES):
             s = r.get(side) or {}
@@ -782,59 +661,28 @@ def report(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def profile_text(profile: dict, scenario: str) -> str:
-    """Top functions by self and inclusive time; with the process's CPU per command, µs per command."""
-    label = profile.get("process", "gateway")
-    cpu = profile.get("cpu_us_per_cmd")
-    lines = [f"{label.capitalize()} profile under {profile.get('scenario', scenario)} "
-             f"({profile.get('samples', 0)} samples; {profile.get('raw', profile.get('skipped'))})"
-             + (f"; {label} CPU {cpu:.1f} µs per command over the same load" if cpu else "")]  # fmt: skip
-
-    def us(pct: float) -> str:
-        return f"{pct * cpu / 100:5.1f} µs" if cpu else ""
-
-    for kind, rows, limit in (("self", "top_self_pct", 20), ("incl", "top_inclusive_pct", 30)):
-        for frame, pct in profile.get(rows, [])[:limit]:
-            lines.append(f"  {kind} {pct:5.1f}% {us(pct)}  {frame}")
-    split = profile.get("perf") or {}
-    if split.get("by_object_pct"):
-        lines.append(f"  perf, the {label}'s CPU by object: "
-                     + ", ".join(f"{o} {p:.1f}%" + (f" ({p * cpu / 100:.1f} µs)" if cpu else "")
-                                 for o, p in split["by_object_pct"]))  # fmt: skip
-        for sym, pct in split["by_symbol_pct"][:15]:
-            lines.append(f"  perf {pct:5.1f}%  {sym}")
-    elif split.get("error"):
-        lines.append(f"  perf failed: {split['error']}")
-    return "\n".join(lines)
+# The flags with a value, in --help's order: (flag, type, default, help).
+FLAGS = (
+    ("--duration", float, 3.0, "seconds per measurement window (default 3)"),
+    ("--warmup", float, 1.0, "seconds of load before each window (default 1)"),
+    ("--rounds", int, 2, "windows per target per throughput scenario, ABBA order (default 2)"),
+    (
+        "--scenarios",
+        str,
+        ",".join(SCENARIOS),
+        f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    ),
+    ("--payload", int, 100, "bytes of padding in each job's args (default 100)"),
+    ("--idle-conns", int, 1000, "idle connections for the memory scenario"),
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--duration", type=float, default=3.0, help="seconds per measurement window (default 3)"
-    )
-    parser.add_argument(
-        "--warmup", type=float, default=1.0, help="seconds of load before each window (default 1)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="windows per target per throughput scenario, ABBA order (default 2)",
-    )
-    parser.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
-    )
-    parser.add_argument(
-        "--payload", type=int, default=100, help="bytes of padding in each job's args (default 100)"
-    )
-    parser.add_argument(
-        "--idle-conns", type=int, default=1000, help="idle connections for the memory scenario"
-    )
+    for flag, kind, default, text in FLAGS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--gateway-flag",
         action="append",
@@ -858,10 +706,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = args.idle_conns * 2 + 1000
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+    raise_nofile(args.idle_conns * 2 + 1000)  # the gateways inherit it
 
     bench = Bench(args)
     started = time.monotonic()
@@ -870,26 +715,8 @@ def main() -> int:
     try:
         bench.start()
         # A short warm-up of both paths before anything is measured.
-        loadgen(
-            {
-                "mode": "push",
-                "url": bench.faktory.url,
-                "conns": 4,
-                "warmup": 0,
-                "duration": 0.7,
-                "payload": 10,
-            }
-        )
-        loadgen(
-            {
-                "mode": "push",
-                "url": bench.gateway.url,
-                "conns": 4,
-                "warmup": 0,
-                "duration": 0.7,
-                "payload": 10,
-            }
-        )
+        for url in (bench.faktory.url, bench.gateway.url):
+            load.run(LoadSpec(Mode.PUSH, url=url, conns=4, warmup=0, duration=0.7, payload=10))
         for scenario in chosen:
             if scenario == "push1":
                 result = bench.run_push(1)
@@ -939,12 +766,10 @@ def main() -> int:
         for one in (profile, profile.get("relay")):
             if one:
                 print()
-                print(profile_text(one, args.profile))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    targets = [{"what": w, "target": t, "measured": m, "passed": p} for w, t, m, p in verdicts(bench.results)]
-    out.write_text(json.dumps({"meta": meta, "results": bench.results, "targets": targets, "profile": profile,
-                               "table": text}, indent=2) + "\n")  # fmt: skip
+                print(profiling.text(one, args.profile))
+    targets = [target.as_json() for target in verdicts(bench.results)]
+    out = write_json(args.json, {"meta": meta, "results": bench.results, "targets": targets, "profile": profile,
+                                 "table": text})  # fmt: skip
     print(f"\nwritten to {out} in {meta['seconds']} s", file=sys.stderr)
     return 0
 

@@ -16,26 +16,30 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(1, str(REPO))
+from tests.support.processes import Process, free_port
 
-from tests.support.processes import Process, free_port  # noqa: E402 (after the sys.path entry)
+RELAY = Path(__file__).resolve().parents[1] / "relay.py"
 
 
-class RelayProcess(Process):
+class LoopbackProxy(Process):
+    """A proxy in front of Faktory, listening on `port` on loopback."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+
+class RelayProcess(LoopbackProxy):
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.port = free_port()
-        super().__init__([sys.executable, str(REPO / "bench" / "relay.py"), str(self.port), upstream_host,
-                          str(upstream_port)])  # fmt: skip
+        super().__init__([sys.executable, str(RELAY), str(self.port), upstream_host, str(upstream_port)])
 
     def start(self) -> RelayProcess:
         super().start()
         self.wait_for_line("relay listening")
         return self
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
 
 
 def haproxy_config(port: int, upstream_host: str, upstream_port: int) -> str:
@@ -64,7 +68,7 @@ backend faktory
 """
 
 
-class HAProxyProcess(Process):
+class HAProxyProcess(LoopbackProxy):
     """Debian's haproxy in the foreground (`-db`: no daemon, no master-worker), one process, one thread."""
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
@@ -91,10 +95,6 @@ class HAProxyProcess(Process):
                 if time.monotonic() > deadline:
                     raise TimeoutError("haproxy did not listen:\n" + self.text()) from None
                 time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
 
     def cleanup(self) -> None:
         self.stop()
