@@ -15,7 +15,6 @@ Every frame keeps its exact bytes (`raw`) so the proxy can forward it unchanged.
 from __future__ import annotations
 
 __all__ = [
-    "OK_REPLY",
     "Command",
     "CommandReader",
     "FrameTooLarge",
@@ -25,6 +24,7 @@ __all__ = [
     "bulk_reply",
     "error_reply",
     "frame_end",
+    "frame_run",
     "reply_at",
 ]
 
@@ -252,9 +252,6 @@ def reply_at(data: bytes, start: int, end: int) -> Reply:
     if raw == b"$-1\r\n":
         return Reply(kind, None, raw)
     return Reply(kind, raw[raw.index(b"\r\n") + 2 : -2], raw)
-
-
-OK_REPLY = b"+OK\r\n"
 
 
 def error_reply(code: str, message: str) -> bytes:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 from .. import shield
-from ..config import Mode, OnStoreError, UnknownBatch
+from ..config import Mode, OnStoreError
 from ..decisions import Client, Forward, Respond, Settled
 from ..metrics import Metrics, counted
 from ..protocol import Command
@@ -71,10 +71,6 @@ class Outcomes:
             refusal = policy.refusal_to_add(bid, state, settings.mode)
         assert refusal is not None, f"an open batch refuses nothing ({bid}: {state})"
         return refusal
-
-    @property
-    def verifies_unknown(self) -> bool:
-        return self.settings.unknown_batch == UnknownBatch.VERIFY
 
     def store_failed(self, bid: str, client: Client, exc: StoreError) -> Refusal | None:
         """`on_store_error`: the refusal to give when the store cannot be asked, or None (allow)."""
