@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 
 from ..config import Mode, UnknownBatch
 from ..decisions import Client, Decision, Forward, Later, ReplyHandler, Respond, Settled
@@ -28,15 +29,13 @@ from .status import absent
 from .status import ask as ask_status
 
 
+@dataclass(eq=False)
 class Admission:
-    def __init__(
-        self, store: BatchStore, fence: Fence, outcomes: Outcomes, learner: Learner, settings: RuleSettings
-    ):
-        self.store = store
-        self.fence = fence
-        self.outcomes = outcomes
-        self.learner = learner
-        self.settings = settings
+    store: BatchStore
+    fence: Fence
+    outcomes: Outcomes
+    learner: Learner
+    settings: RuleSettings
 
     # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB

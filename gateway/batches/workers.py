@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from ..config import Mode
 from ..decisions import Client, Decision, Forward, ReplyHandler
@@ -31,20 +32,13 @@ log = logging.getLogger("gateway.guard")
 MEMBER_BID = re.compile(rb'"bid"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
 
 
+@dataclass(eq=False)
 class Workers:
-    def __init__(
-        self,
-        store: BatchStore,
-        holdings: Holdings,
-        outcomes: Outcomes,
-        learner: Learner,
-        settings: RuleSettings,
-    ):
-        self.store = store
-        self.holdings = holdings
-        self.outcomes = outcomes
-        self.learner = learner
-        self.settings = settings
+    store: BatchStore
+    holdings: Holdings
+    outcomes: Outcomes
+    learner: Learner
+    settings: RuleSettings
 
     # ------------------------------------------------------------------------------------------
     # The handshake line and what each verb decides
