@@ -91,6 +91,9 @@ class Timing:
 TIMING = Timing()
 ADMIT_MAX_BYTES = 16 * 2**20  # larger batch commands are refused: SERVER_BOUND is measured up to this
 WATCH_LIMIT = 10_000  # batches a LapseWatch remembers before it forgets the stalest
+# The production figures under the names the docs and the integration tests use.
+MARGIN, SERVER_BOUND, LEASE_LIFE = TIMING.margin, TIMING.server_bound, TIMING.lease_life
+VALID_FOR, ATTEMPT_LIFE = TIMING.valid_for, TIMING.attempt_life
 
 
 class LapseWatch:
