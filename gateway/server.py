@@ -10,6 +10,7 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import cast
 
 from .config import Config
 from .metrics import Metrics
@@ -47,8 +48,9 @@ class _Refuse(asyncio.Protocol):
         self.reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
-        transport.write(self.reply)
+        # A stream server's connection (uvloop's transports do not subclass asyncio.Transport).
+        stream = cast(asyncio.Transport, transport)
+        stream.write(self.reply)
         transport.close()
 
 

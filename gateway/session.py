@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import tally
 from .config import Limits
@@ -148,8 +148,8 @@ class Session(asyncio.Protocol):
     # Client side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
-        self.client = transport
+        # A stream server's connection (uvloop's transports do not subclass asyncio.Transport).
+        self.client = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.pause_client("dial")

@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -45,8 +46,8 @@ class _Pipe(asyncio.Protocol):
         self.on_push: Callable[[object], None] | None = None  # a subscribed connection's messages
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream connection's
-        self.transport = transport
+        # A stream connection's transport (uvloop's do not subclass asyncio.Transport: no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
