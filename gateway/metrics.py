@@ -7,7 +7,7 @@ are the gateway's own constants. No jid, bid, wid, queue or address ever becomes
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -29,6 +29,16 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                    0.5, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
 OVERHEAD_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                     0.1, 1.0)  # fmt: skip
+
+
+# Every code the gateway answers with (README, "Errors"): each series starts at zero, so that
+# rate() and the alerts see the first refusal, and a dashboard shows 0 rather than nothing.
+REFUSAL_CODES = ("BATCH_COMMITTED", "BATCH_CALLBACK_FIRED", "BATCH_UNKNOWN", "PARENT_SEALED",
+                 "COMMIT_FENCE_TIMEOUT", "BATCH_COMMAND_TOO_LARGE", "MALFORMED", "RESERVED_KEY",
+                 "STATE_UNAVAILABLE", "LINE_TOO_LONG", "HANDSHAKE_TIMEOUT")  # fmt: skip
+BATCH_REFUSAL_CODES = REFUSAL_CODES[:9]  # the ones shadow mode may forward instead
+CONNECTION_REFUSALS = ("max_connections",)
+PROTOCOL_ERROR_SIDES = ("upstream",)  # the client's broken lines are refusals (LINE_TOO_LONG)
 
 
 def verb_label(verb: bytes) -> str:
@@ -58,6 +68,9 @@ class Metrics:
             "Commands shadow mode forwarded but would have refused, by code",
             ("code",),
         )
+        _from_zero(self.connections_refused, CONNECTION_REFUSALS)
+        _from_zero(self.refusals, REFUSAL_CODES)
+        _from_zero(self.shadow_refusals, BATCH_REFUSAL_CODES)
         self.store_calls = metric(
             Counter, "store_calls", "Round trips to the batch store, by operation", ("operation",)
         )
@@ -86,14 +99,20 @@ class Metrics:
             "Lines the Faktory server would crash on, answered by the gateway instead, by verb",
             ("verb",),
         )
-        for verb in sorted(shield.BARE_VERBS):  # every series from zero, so rate() sees the first
-            self.shielded.labels(verb.decode())
+        _from_zero(self.shielded, sorted(verb.decode() for verb in shield.BARE_VERBS))
         self.protocol_errors = metric(
             Counter, "protocol_errors", "Connections closed for broken protocol, by side", ("side",)
         )
+        _from_zero(self.protocol_errors, PROTOCOL_ERROR_SIDES)
         self.hot = HotPathStats()
         self.registry.register(self.hot)
         self.command_done = self.hot.command_done
+
+
+def _from_zero(counter: Counter, values: Iterable[str]) -> None:
+    """Expose one series per label value from the start, at zero."""
+    for value in values:
+        counter.labels(value)
 
 
 def _buckets(counts: list[int], bounds: tuple[float, ...]) -> list[tuple[str, int]]:

@@ -43,3 +43,21 @@ def test_byte_counters():
     samples = scrape(metrics)
     assert samples["faktory_gateway_client_received_bytes_total", ()] == 100
     assert samples["faktory_gateway_client_sent_bytes_total", ()] == 7
+
+
+def test_every_refusal_code_the_gateway_sends_is_exposed_from_zero():
+    """A code missing from REFUSAL_CODES would appear only after its first use: rate() misses it."""
+    import re
+    from pathlib import Path
+
+    from gateway.metrics import REFUSAL_CODES
+
+    sources = "\n".join(p.read_text() for p in Path("gateway").rglob("*.py"))
+    sent = set(re.findall(r'(?:Refusal|error_reply)\(\s*"([A-Z_]+)"', sources))
+    sent -= {"TOO_MANY_CONNECTIONS", "UPSTREAM_UNAVAILABLE"}  # connections refused, not commands
+    assert sent and sent <= set(REFUSAL_CODES), sent - set(REFUSAL_CODES)
+    samples = scrape(Metrics())
+    for code in REFUSAL_CODES:
+        assert samples["faktory_gateway_refusals_total", (("code", code),)] == 0
+    assert samples["faktory_gateway_protocol_errors_total", (("side", "upstream"),)] == 0
+    assert samples["faktory_gateway_connections_refused_total", (("reason", "max_connections"),)] == 0
