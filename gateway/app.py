@@ -14,18 +14,24 @@ import signal
 import time
 
 from . import __version__
+from .batches.engine import Engine
+from .batches.engine.callbacks import Callbacks
+from .batches.fence import TIMING
 from .batches.guard import BatchGuard
 from .batches.settings import RuleSettings
-from .config import Config, ConfigError, Invocation, reload_policy
+from .config import Batches, Config, ConfigError, Invocation, reload_policy
 from .metrics import Metrics
 from .ops import Ops
-from .server import Server
+from .producer import Producer
+from .server import Server, upstream_ssl_context
 from .store import BatchStore
 from .store.memory import MemoryStore
 from .urls import redact_url
 
 log = logging.getLogger("gateway")
 
+# A callback push waits this long for the server (the fence's own bound on one command's handling).
+PRODUCER_TIMEOUT = TIMING.server_bound
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG, EXIT_DRAIN_CUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -35,9 +41,17 @@ class Gateway:
         self.invocation = invocation
         self.metrics = Metrics()
         self.store = open_store(config)
-        self.guard = BatchGuard(self.store, RuleSettings.of(config), self.metrics)
+        self.engine = open_engine(config, self.store, self.metrics)
+        self.guard = BatchGuard(self.store, RuleSettings.of(config), self.metrics, engine=self.engine)
         self.server = Server(config, self.metrics, self.guard)
-        self.ops = Ops(config, self.metrics, self.server, self.store.ping, self.request_shutdown)
+        self.ops = Ops(
+            config,
+            self.metrics,
+            self.server,
+            self.store.ping,
+            self.request_shutdown,
+            self.engine.view if self.engine is not None else None,
+        )
         self._shutdown = asyncio.Event()
         self._shutdown_reason = ""
         self._signals = 0
@@ -85,6 +99,7 @@ class Gateway:
             log.warning(
                 "no redis configured: batch state lives in this process only; run a single gateway "
                 "per Faktory server, or set redis to share state between gateways"
+                + ("; with batches: gateway the batches are lost when it stops" if self.engine else "")
             )
         log.info(
             f"gateway listening on {host}:{port}",
@@ -112,11 +127,20 @@ class Gateway:
 
 
 def open_store(config: Config) -> BatchStore:
+    engine = config.batches == Batches.GATEWAY
     if not config.redis:
-        return MemoryStore(config.committed_retention, config.batch_retention)
+        return MemoryStore(config.committed_retention, config.batch_retention, engine=engine)
     from .store.redis import RedisStore  # imported only when used: redis-py takes a while to load
 
     log.info("batch store: redis", extra={"url": redact_url(config.redis), "prefix": config.redis_key_prefix})
     return RedisStore(
-        config.redis, config.redis_key_prefix, config.committed_retention, config.batch_retention
+        config.redis, config.redis_key_prefix, config.committed_retention, config.batch_retention, engine=engine
     )
+
+
+def open_engine(config: Config, store: BatchStore, metrics: Metrics) -> Engine | None:
+    """batches: gateway: the parts that push callbacks, on a connection of the gateway's own."""
+    if config.batches != Batches.GATEWAY:
+        return None
+    producer = Producer(config.faktory, upstream_ssl_context(config), PRODUCER_TIMEOUT)
+    return Engine(store, Callbacks(store, producer, metrics, TIMING, config.batch_stall_after))

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -104,6 +104,13 @@ class Mode(enum.StrEnum):
     SHADOW = "shadow"  # decide as strict, forward everything, count what would have been refused
 
 
+class Batches(enum.StrEnum):
+    """Who keeps the batches."""
+
+    ENTERPRISE = "enterprise"  # Faktory Enterprise does; the gateway enforces its documented rules
+    GATEWAY = "gateway"  # the gateway does, in front of Faktory OSS (docs/engine.md)
+
+
 class UnknownBatch(enum.StrEnum):
     """What the rules do with a batch the ledger has no record of."""
 
@@ -167,12 +174,17 @@ def parse_address(value: Any) -> Address:
 
 @dataclass(frozen=True)
 class UpstreamURL:
-    """A Faktory URL. The password is kept only to redact it: the gateway relays the handshake."""
+    """A Faktory URL. Clients' handshakes are relayed; the password is used only by the gateway's
+    own connection (`batches: gateway` pushes callback jobs on it) and never shown."""
 
     tls: bool
     host: str
     port: int
-    has_password: bool
+    password: str = field(default="", repr=False)
+
+    @property
+    def has_password(self) -> bool:
+        return bool(self.password)
 
     def __str__(self) -> str:
         auth = ":***@" if self.has_password else ""
@@ -192,9 +204,8 @@ def parse_upstream(value: Any) -> UpstreamURL:
         raise ValueError("scheme must be tcp:// or tcp+tls://")
     if not parts.hostname:
         raise ValueError("no host, expected tcp://HOST:PORT")
-    return UpstreamURL(
-        parts.scheme == "tcp+tls", parts.hostname, port or DEFAULT_FAKTORY_PORT, bool(parts.password)
-    )
+    password = unquote(parts.password) if parts.password else ""
+    return UpstreamURL(parts.scheme == "tcp+tls", parts.hostname, port or DEFAULT_FAKTORY_PORT, password)
 
 
 def parse_redis_url(value: Any) -> str:
@@ -273,6 +284,9 @@ class Config:
         "", parse_redis_url, "Redis URL for the shared ledger (empty: in-process)", "--redis", True
     )
     redis_key_prefix: str = setting("fgw:", parse_text, "prefix of every Redis key the gateway writes")
+    batches: Batches = setting(
+        Batches.ENTERPRISE, one_of(Batches), "who keeps batches: the Enterprise server or the gateway", "--batches"
+    )
     mode: Mode = setting(Mode.STRICT, one_of(Mode), "enforcement mode", "--mode")
     unknown_batch: UnknownBatch = setting(UnknownBatch.VERIFY, one_of(UnknownBatch), "batches with no record")
     on_store_error: OnStoreError = setting(
@@ -284,6 +298,9 @@ class Config:
     )
     batch_retention: float = setting(
         7 * 86400.0, parse_duration, "how long a batch whose callback fired is remembered"
+    )
+    batch_stall_after: float = setting(
+        3600.0, parse_duration, "batches: gateway: a batch whose jobs made no progress this long is stalled"
     )
     limits: Limits = field(default_factory=Limits)
     http: HTTP = field(default_factory=HTTP)
@@ -389,6 +406,16 @@ def build(sources: list[tuple[str, dict[str, Any]]]) -> Config:
         )
     if bool(config.tls.cert_file) != bool(config.tls.key_file):
         raise ConfigError("tls: cert_file and key_file must be given together")
+    if config.batches == Batches.GATEWAY and config.mode == Mode.SHADOW:
+        raise ConfigError(
+            "mode: shadow needs batches: enterprise (with batches: gateway the gateway is the batch "
+            "server: there is no server's decision to shadow)"
+        )
+    if config.batches == Batches.GATEWAY and config.on_store_error == OnStoreError.ALLOW:
+        raise ConfigError(
+            "on_store_error: allow needs batches: enterprise (with batches: gateway a job let through "
+            "unchecked would not be counted in its batch, whose callbacks could then fire too early)"
+        )
     if config.shutdown.min_delay > config.shutdown.max_delay:
         raise ConfigError("shutdown.min_delay: must not be longer than shutdown.max_delay")
     return config

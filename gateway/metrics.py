@@ -104,6 +104,29 @@ class Metrics:
             Counter, "protocol_errors", "Connections closed for broken protocol, by side", ("side",)
         )
         _from_zero(self.protocol_errors, PROTOCOL_ERROR_SIDES)
+        # batches: gateway (the engine)
+        self.callbacks = metric(
+            Counter,
+            "callbacks",
+            "Batch callbacks the gateway pushed (pushed), that the server refused (refused), that "
+            "were left to another gateway (deferred) or taken over from one (taken_over)",
+            ("kind", "result"),
+        )
+        for kind in ("complete", "success"):
+            for result in ("pushed", "refused", "deferred", "taken_over"):
+                self.callbacks.labels(kind, result)
+        self.callback_latency = metric(
+            Histogram,
+            "callback_latency_seconds",
+            "From the reply that made a callback due (the last ACK, a commit) to the server's +OK for it",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batches_stalled = metric(
+            Gauge, "batches_stalled", "Committed batches with pending jobs and no progress for batch_stall_after"
+        )
+        self.engine_lost_counts = metric(
+            Counter, "engine_lost_counts", "Batch counts the ledger did not take within the retry time"
+        )
         self.hot = HotPathStats()
         self.registry.register(self.hot)
         self.command_done = self.hot.command_done

@@ -5,6 +5,7 @@
 - `/readiness`: 503 while draining, at the connection limit, or when the upstream cannot be dialled.
 - `/metrics`: prometheus-client's own exposition of the gateway's registry.
 - `POST /quitquitquit`: start a graceful shutdown; off by default and loopback clients only.
+- `GET /batches/<bid>` (batches: gateway): a batch's status, state and pending jids, as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import Config
 from .metrics import Metrics
 from .server import Server
+from .store import StoreError
 
 log = logging.getLogger("gateway.ops")
 
@@ -35,12 +37,14 @@ class Ops:
         server: Server,
         store_ready: Callable[[], Awaitable[bool]] | None,
         request_shutdown: Callable[[str], None],
+        batch_view: Callable[[str], Awaitable[dict | None]] | None = None,
     ):
         self.config = config
         self.metrics = metrics
         self.server = server
         self.store_ready = store_ready
         self.request_shutdown = request_shutdown
+        self.batch_view = batch_view  # batches: gateway
         self.started = False
         self._upstream_checked = 0.0
         self._upstream_ok = False
@@ -54,6 +58,8 @@ class Ops:
         app.router.add_get("/readiness", self.readiness)
         if self.config.http.quitquitquit:
             app.router.add_post("/quitquitquit", self.quitquitquit)
+        if self.batch_view is not None:
+            app.router.add_get("/batches/{bid}", self.batch)
         return app
 
     async def start(self) -> None:
@@ -69,6 +75,18 @@ class Ops:
     async def metrics_page(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def batch(self, request: web.Request) -> web.Response:
+        """batches: gateway: one batch as the ledger has it (docs/engine.md)."""
+        assert self.batch_view is not None
+        bid = request.match_info["bid"]
+        try:
+            view = await self.batch_view(bid)
+        except StoreError as exc:
+            return web.json_response({"error": f"the batch ledger is unavailable: {exc}"}, status=503)
+        if view is None:
+            return web.json_response({"error": f"no such batch {bid}"}, status=404)
+        return web.json_response(view)
 
     async def liveness(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

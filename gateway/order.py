@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
-from .decisions import Client, ReplyHandler
+from .decisions import Client, ReplyHandler, Ticket
 from .entries import Owed, Question, Run, Slot
 from .metrics import verb_label
 from .protocol import Reply, ReplyStream, frame_end, frame_run, reply_at
@@ -139,23 +139,34 @@ class ReplyOrder:
             return
         # A Run is never answered here: on_server_data frames its replies where it heads the queue.
         owed = cast(Owed, owed)
-        if owed.ticket is not None:
-            owed.ticket.answered()
+        ticket = owed.ticket
         slot = owed.slot
         slot.upstream_time = now - slot.sent
         if reply.is_error:
             slot.result = "error"
         if owed.on_reply is None:
             slot.data = reply.raw
+            if ticket is not None:
+                ticket.answered()
             return
-        outcome = owed.on_reply(reply)
+        # An admitted command's lease is held until its reply handler is done: what the handler
+        # records (the engine counts a job the server took) is in the ledger before a commit
+        # of its batch can pass the fence.
+        try:
+            outcome = owed.on_reply(reply)
+        except BaseException:
+            if ticket is not None:
+                ticket.answered()
+            raise
         if isinstance(outcome, bytes):
             slot.data = outcome
+            if ticket is not None:
+                ticket.answered()
         else:
             slot.pending = True
-            self.spawn(self._finish_reply(slot, outcome))
+            self.spawn(self._finish_reply(slot, outcome, ticket))
 
-    async def _finish_reply(self, slot: Slot, outcome: Awaitable[bytes]) -> None:
+    async def _finish_reply(self, slot: Slot, outcome: Awaitable[bytes], ticket: Ticket | None) -> None:
         try:
             slot.data = await outcome
         except Exception:
@@ -164,6 +175,9 @@ class ReplyOrder:
             )
             self.fail()
             return
+        finally:
+            if ticket is not None:
+                ticket.answered()
         slot.pending = False
         self.flush()
         self.wake()

@@ -20,7 +20,9 @@ from ..decisions import Client, Decision, Forward, Later, ReplyHandler, Respond,
 from ..protocol import DOLLAR, Command, Reply, bulk_reply
 from ..store import COMMITTED, FIRED, OPEN, UNKNOWN, BatchState, BatchStore, StoreError
 from . import jobs, policy
+from .engine.counting import Counting
 from .fence import ADMIT_MAX_BYTES, Fence, Ticket, TicketGroup
+from .holdings import Holdings, holder
 from .learning import Learner
 from .outcomes import Outcomes
 from .policy import Malformed, Refusal
@@ -36,6 +38,8 @@ class Admission:
     outcomes: Outcomes
     learner: Learner
     settings: RuleSettings
+    holdings: Holdings
+    counting: Counting | None = None  # batches: gateway, where the ledger counts what joined
 
     # ------------------------------------------------------------------------------------------
     # PUSH and PUSHB
@@ -44,14 +48,15 @@ class Admission:
         if not jobs.may_name_a_batch(command.args):
             return None
         try:
-            bid, reserved = jobs.read_push(command.args)
+            bid, reserved, jid = jobs.read_job(command.args)
         except Malformed as exc:
             return self.outcomes.malformed(command, client, str(exc))
         if reserved:
             return self.outcomes.refuse(policy.refusal_reserved(reserved), command, client, None)
         if bid is None:
             return None
-        return self.forward(command, client, quiet, bid, nest=False)
+        counted = None if self.counting is None else self.counting.pushed(bid, jid)
+        return self.forward(command, client, quiet, bid, nest=False, on_reply=counted)
 
     def push_bulk(self, command: Command, client: Client, quiet: bool) -> Decision:
         if not jobs.may_name_a_batch(command.args):
@@ -101,8 +106,9 @@ class Admission:
             policy.refusal_reserved(job.reserved) if job.reserved else refusals.get(bid) if bid else None
             for job, bid in zip(read, bids, strict=True)
         ]
+        members = self._members(read, bids, verdicts)
         if not any(verdicts) or self.settings.mode == Mode.SHADOW:
-            return Forward(command.raw, None, group)
+            return Forward(command.raw, self._counted(members, {}), group)
         refused = {
             job.jid: f"{verdict.code} {verdict.message}"
             for job, verdict in zip(read, verdicts, strict=True)
@@ -114,7 +120,33 @@ class Admission:
                 group.answered()  # nothing goes to the server: the admissions end here
             return Respond(bulk_reply(json.dumps(refused, separators=(",", ":")).encode()))
         data = jobs.bulk_line(command.args, kept)  # the kept jobs, each as the client sent it
+        if members:
+            return Forward(data, self._counted(members, refused), group)
         return Forward(data, functools.partial(_merge_refused, refused=refused), group)
+
+    def _members(
+        self, read: list[jobs.BulkJob], bids: list[str | None], verdicts: list[Refusal | None]
+    ) -> dict[str, list[str]]:
+        """batches: gateway: the jobs that go to the server into each batch (bid -> jids)."""
+        members: dict[str, list[str]] = {}
+        if self.counting is not None:
+            for job, bid, verdict in zip(read, bids, verdicts, strict=True):
+                if bid and verdict is None and job.jid:
+                    members.setdefault(bid, []).append(job.jid)
+        return members
+
+    def _counted(self, members: dict[str, list[str]], refused: dict[str, str]) -> ReplyHandler | None:
+        """The reply handler of a PUSHB: the engine counts what joined, then the gateway's
+        refusals are merged into the reply."""
+        counting = self.counting
+        if counting is None or not members:
+            return functools.partial(_merge_refused, refused=refused) if refused else None
+
+        async def count(reply: Reply) -> bytes:
+            await counting.pushed_bulk(reply, members)
+            return _merge_refused(reply, refused) if refused else reply.raw
+
+        return count
 
     # ------------------------------------------------------------------------------------------
     # One command into one batch
@@ -164,6 +196,8 @@ class Admission:
         let an unknown batch through; (None, None) when the server has no such batch (its own
         answer goes to the client); else (the state that refuses, None). Raises StoreError."""
         state, ticket = await self.fence.admit(bid, local)
+        if state == COMMITTED and await self._reopened_by(bid, client):
+            return OPEN, None  # no lease: the worker's own job keeps the batch from completing
         if state == UNKNOWN:
             judged = await self.judge_unknown(bid, client)
             if judged == OPEN and self.settings.unknown_batch != UnknownBatch.ALLOW:
@@ -178,6 +212,8 @@ class Admission:
         decides. None: the server says it has no such batch, so nothing can join it and the
         command goes to the server, whose own error the client gets (clients match on its text)."""
         unknown = self.settings.unknown_batch
+        if self.settings.engine:
+            return UNKNOWN  # the ledger is the only authority: a batch it has no record of does not exist
         if unknown == UnknownBatch.ALLOW:
             return OPEN
         if unknown == UnknownBatch.REJECT:
@@ -189,6 +225,15 @@ class Admission:
             return FIRED
         await self.outcomes.call("create", self.store.create(bid, OPEN))
         return OPEN
+
+    async def _reopened_by(self, bid: str, client: Client) -> bool:
+        """batches: gateway, member-reopen: a worker holding a job of a committed batch (or a
+        callback of one of its children) may add to it without reopening it: the batch cannot
+        complete while that job is not done (engine/commands.py), and it stays committed."""
+        if not self.settings.engine or self.settings.mode != Mode.MEMBER_REOPEN:
+            return False
+        worker = holder(client)
+        return worker is not None and await self.outcomes.call("holds", self.holdings.holds(worker, bid))
 
     def _too_large(self, command: Command, client: Client, bid: str | None) -> Decision:
         refusal = policy.refusal_too_large(len(command.raw), ADMIT_MAX_BYTES)

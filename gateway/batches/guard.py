@@ -38,6 +38,9 @@ from ..store import BatchStore
 from . import jobs
 from .admission import Admission
 from .commands import BatchCommands
+from .engine import Engine
+from .engine.commands import EngineCommands
+from .engine.counting import Counting
 from .fence import Fence
 from .holdings import Holdings
 from .learning import Learner
@@ -60,6 +63,7 @@ class BatchGuard:
         metrics: Metrics,
         fence: Fence | None = None,
         clock: Callable[[], float] = time.monotonic,
+        engine: Engine | None = None,
     ):
         self.store = store
         self.metrics = metrics
@@ -67,11 +71,24 @@ class BatchGuard:
         self.outcomes = Outcomes(metrics, settings)
         learner = Learner(store, self.outcomes, clock)
         holdings = Holdings(store, clock)
-        self.admission = Admission(store, self.fence, self.outcomes, learner, settings)
-        self.commands = BatchCommands(
-            store, self.fence, self.admission, holdings, self.outcomes, learner, settings
+        # batches: gateway: the ledger counts and fires (engine/); else Enterprise does.
+        self.engine = engine
+        counting = None
+        if engine is not None:
+            counting = Counting(store, self.outcomes, engine.callbacks, clock)
+        self.admission = Admission(
+            store, self.fence, self.outcomes, learner, settings, holdings, counting
         )
-        self.workers = Workers(store, holdings, self.outcomes, learner, settings)
+        self.commands: BatchCommands | EngineCommands
+        if engine is None:
+            self.commands = BatchCommands(
+                store, self.fence, self.admission, holdings, self.outcomes, learner, settings
+            )
+        else:
+            self.commands = EngineCommands(
+                store, self.fence, self.admission, holdings, self.outcomes, engine.callbacks, settings
+            )
+        self.workers = Workers(store, holdings, self.outcomes, learner, settings, counting)
         self.settings = settings
         self._verbs: dict[bytes, Handler] = {
             b"PUSH": self.admission.push,
@@ -86,8 +103,12 @@ class BatchGuard:
 
     def start(self) -> None:
         self.fence.start()
+        if self.engine is not None:
+            self.engine.callbacks.start()
 
     async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.callbacks.close()
         await self.fence.close()
 
     def reconfigure(self, settings: RuleSettings) -> None:

@@ -73,7 +73,12 @@ _FOLD_TRAPS = (b"\\u", "\u017f".encode(), "\u212a".encode())
 
 
 def read_push(payload: bytes) -> tuple[str | None, list[str]]:
-    """A PUSH's (custom.bid, reserved keys), as the server would read them. Raises Malformed.
+    """A PUSH's (custom.bid, reserved keys), as the server would read them. Raises Malformed."""
+    return read_job(payload)[:2]
+
+
+def read_job(payload: bytes) -> JobReading:
+    """A PUSH's job as the server would read it: its batch, reserved keys and jid. Raises Malformed.
 
     The common batch PUSH names `custom` once and `bid` once and has nothing Go would fold: then
     no key that matters can be duplicated or ambiguous, and the plain C decoder reads what the
@@ -94,22 +99,33 @@ def read_push(payload: bytes) -> tuple[str | None, list[str]]:
             raise Malformed(f"invalid JSON: {str(exc)[:80]}") from None
         else:
             custom = _custom(job)
-            return _bid_in(custom), _reserved_in(custom)
+            return JobReading(_bid_in(custom), _reserved_in(custom), _jid_in(job))
     job = _read_document(_text(payload))
     if type(job) is not tuple:
-        return None, []  # not an object: the server refuses it, and nothing joins a batch
-    reading = _read_job(job)
-    return reading.bid, reading.reserved
+        return JobReading(None, _NONE, "")  # not an object: the server refuses it, and nothing joins a batch
+    return _read_job(job)
 
 
-class BulkJob(NamedTuple):
-    """One job of a PUSHB as the server reads it: the batch it joins, the reserved keys it
-    carries, and its jid (for the reply's jid-to-error map)."""
+def _jid_in(job: object) -> str:
+    """The jid Go reads: the last key that folds to `jid` with a string value."""
+    jid = ""
+    if isinstance(job, dict):
+        for key, value in job.items():
+            if len(key) == 3 and isinstance(value, str) and key.lower() == "jid":
+                jid = value
+    return jid
+
+
+class JobReading(NamedTuple):  # a tuple: a frozen dataclass costs a microsecond per job
+    """One job as the server reads it: the batch it joins, the reserved keys it carries, and its
+    jid (for a PUSHB reply's jid-to-error map, and what the engine counts)."""
 
     bid: str | None
     reserved: list[str]
     jid: str
 
+
+BulkJob = JobReading  # one job of a PUSHB
 
 def read_bulk(payload: bytes) -> list[BulkJob] | None:
     """A PUSHB's jobs, as the server would read them; None when the payload is JSON but not a
@@ -128,7 +144,7 @@ def read_bulk(payload: bytes) -> list[BulkJob] | None:
     for job in jobs:
         if type(job) is tuple:
             reading = _read_job(job)
-            readings.append(BulkJob(*reading))
+            readings.append(reading)
         else:  # not an object: Go's decoder fails the whole PUSHB, and it names no batch
             readings.append(BulkJob(None, _NONE, ""))
     return readings
@@ -188,12 +204,6 @@ _STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[{])|([\]}])')
 _PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
 # C: one JSON string after its quote -> (text, end); a documented function that typeshed does not list.
 _scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
-
-
-class _JobReading(NamedTuple):  # a tuple: a frozen dataclass costs a microsecond per job
-    bid: str | None
-    reserved: list[str]
-    jid: str
 
 
 def _text(payload: bytes) -> str:
@@ -313,7 +323,7 @@ def _is_custom(key: str) -> bool:
     return len(key) == 6 and fold_key(key) == "custom"  # with a long s (U+017F) too: six characters
 
 
-def _read_job(job: _Object) -> _JobReading:
+def _read_job(job: _Object) -> JobReading:
     customs: list[tuple[str, object]] = []
     jid = ""
     for key, value in job:
@@ -328,7 +338,7 @@ def _read_job(job: _Object) -> _JobReading:
         if type(custom) is tuple:  # anything else: null (no map), or the server refuses the job
             found += [member for member in custom if member[0] in _RULE_KEYS]
     if not found:
-        return _JobReading(None, _NONE, jid)
+        return JobReading(None, _NONE, jid)
     if len(customs) > 1:
         raise Malformed(f"ambiguous keys {', '.join(sorted(key for key, _ in customs))} name a batch")
     keys = [key for key, _ in found]
@@ -341,7 +351,7 @@ def _read_job(job: _Object) -> _JobReading:
             reserved = [key for key in RESERVED_KEYS if key in keys]
         elif value is not None and value != "":
             bid = valid_bid(value)  # an object, an array or a _Deep is no bid either
-    return _JobReading(bid, reserved, jid)
+    return JobReading(bid, reserved, jid)
 
 
 JID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no space: it only names a set member

@@ -24,6 +24,7 @@ from .holdings import Holdings, holder
 from .learning import Learner
 from .outcomes import Outcomes
 from .policy import Malformed
+from .engine.counting import Counting
 from .settings import RuleSettings
 from .status import ask as ask_status
 
@@ -39,6 +40,7 @@ class Workers:
     outcomes: Outcomes
     learner: Learner
     settings: RuleSettings
+    counting: Counting | None = None  # batches: gateway, where the ledger counts what ran
 
     # ------------------------------------------------------------------------------------------
     # The handshake line and what each verb decides
@@ -58,12 +60,17 @@ class Workers:
         return Forward(command.raw, self.reply_handler(client))
 
     def finishing(self, command: Command, client: Client, quiet: bool) -> Decision:
-        """ACK or FAIL: a job this gateway saw a worker fetch is no longer held by it."""
-        if self.holds_any(client):
+        """ACK or FAIL: a job this gateway saw a worker fetch is no longer held by it (and with
+        batches: gateway, the ledger counts it once the server took the ACK or FAIL)."""
+        if self.holdings.holds_any(holder(client)):
             self._finished(command, client)
+        if self.counting is not None and (counted := self.counting.finishing(command.verb, command.args)):
+            return Forward(command.raw, counted)
         return None
 
     def holds_any(self, client: Client) -> bool:
+        if self.counting is not None and self.counting.holds_any():
+            return True
         return self.holdings.holds_any(holder(client))
 
     def reply_handler(self, client: Client) -> ReplyHandler:
@@ -83,6 +90,8 @@ class Workers:
         payload = reply.payload
         if not payload or reply.kind != DOLLAR:
             return reply.raw
+        if self.counting is not None:
+            return self._engine_fetched(reply, payload, client) if b'bid"' in payload else reply.raw
         if b'"_bid"' in payload or (self.settings.mode == Mode.MEMBER_REOPEN and b'bid"' in payload):
             return self._learn_from_job(reply, client)
         if b'"bid"' in payload:
@@ -134,6 +143,36 @@ class Workers:
             reserve = job.get("reserve_for")
             reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
             await self.outcomes.quietly("hold", self.holdings.fetched(worker, jid, member_of, reserve))
+        return reply.raw
+
+    def _engine_fetched(self, reply: Reply, payload: bytes, client: Client) -> bytes | Awaitable[bytes]:
+        """batches: gateway: the ledger is the authority, so nothing is asked of the server. A
+        batch job is remembered until its ACK or FAIL; in member-reopen mode its worker holds
+        it (a member: its batch; a child's callback: the parent, as `_pbid` says: a job carrying
+        `_pbid` can only have been pushed by the engine, since the gateway refuses them from
+        clients, RESERVED_KEY)."""
+        assert self.counting is not None
+        try:
+            job = jobs.decode(payload)
+        except Malformed:
+            return reply.raw
+        if not isinstance(job, dict):
+            return reply.raw
+        self.counting.fetched(job)
+        custom = job.get("custom")
+        jid = job.get("jid")
+        worker = holder(client)
+        if self.settings.mode != Mode.MEMBER_REOPEN or not worker or not isinstance(custom, dict):
+            return reply.raw
+        member_of = [bid for bid in (_valid(custom.get("bid")), _valid(custom.get("_pbid"))) if bid]
+        if not member_of or not isinstance(jid, str):
+            return reply.raw
+        reserve = job.get("reserve_for")
+        reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
+        return self._held(worker, jid, member_of, reserve, reply)
+
+    async def _held(self, worker: str, jid: str, bids: list[str], reserve: float | None, reply: Reply) -> bytes:
+        await self.outcomes.quietly("hold", self.holdings.fetched(worker, jid, bids, reserve))
         return reply.raw
 
     async def _is_callback(self, bid: str, jid: str) -> bool:
