@@ -258,6 +258,20 @@ async def test_every_move_of_a_jobs_mark(ledger):
     assert await store.pending_jobs(bid, 10) == ["n1"]
 
 
+async def test_a_retried_job_counts_as_run_once(ledger):
+    """complete waits for every member to have run: a job that failed and then succeeded is one
+    of them, not two (else the batch would look complete while another job never ran)."""
+    store = ledger.store
+    bid = await batch(store, kinds=(COMPLETE,))
+    await store.joined(bid, ["retried", "slow"])
+    await store.ran(bid, "retried", False, "t")
+    await store.ran(bid, "retried", False, "t")
+    await store.ran(bid, "retried", True, "t")
+    await commit(store, bid)
+    assert await store.settle(bid, "t") == []  # "slow" has not run
+    assert fired(await store.ran(bid, "slow", True, "t")) == [(bid, COMPLETE)]
+
+
 async def test_an_early_ack_or_fail_counts_as_run_when_the_job_joins(ledger):
     """A worker's ACK or FAIL can reach the ledger before the producer's count: the outcome waits
     for the count, and the batch then fires as if they had come in order."""
