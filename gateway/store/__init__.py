@@ -28,13 +28,26 @@ failover to a host whose clock differs, cannot shorten anything.
   30 minutes). Committed records live `committed_retention` from the last time a gateway saw the
   batch (`touch`), so a batch whose jobs retry for weeks stays sealed; fired records live
   `fired_retention` and then age out.
+
+**The engine** (mode `batches: gateway`, types in engine.py): the gateway answers the BATCH verbs
+itself and the ledger counts each batch's jobs on top of the same lifecycle. A batch's counts and
+callbacks (`meta`) and its jobs' marks (`jobs`) live exactly as long as its state record. Every
+count that can make a callback due runs *evaluate*, atomically: from the batch up to its root,
+each callback that is due is claimed (its stage goes to enqueued, the batch to fired) and each
+stage that is over is told to the parent once. Complete comes first; success waits until the
+complete callback was ACKed; a parent's stage waits for every child's. A claim carries the
+caller's token until `confirm`; a watcher takes over a claim whose token it saw unchanged for too
+long. An uncommitted engine batch lives `ENGINE_OPEN_TTL` (Ent's 30 minutes).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # engine.py imports BatchState from here
+    from .engine import BatchSpec, BatchStatus, Claim, Kind, Watched
 
 
 class BatchState(enum.StrEnum):
@@ -157,6 +170,68 @@ class BatchStore(Protocol):
 
     async def holds(self, wid: str, bid: str) -> bool:
         """Does worker `wid` hold a job of `bid` (or a callback of one of its children)?"""
+
+    # ------------------------------------------------------------------------------------------
+    # The engine (batches: gateway)
+
+    async def new_batch(self, bid: str, spec: BatchSpec) -> BatchState:
+        """Create bid open, with its counts at zero and `spec`'s callbacks, unless it has a record
+        already (then nothing changes and its state is returned: a retried BATCH NEW is harmless).
+        A child is counted in its parent's children in the same step; a parent with no record or
+        not open refuses it: nothing is created and the parent's state is returned. OPEN: created."""
+
+    async def joined(self, bid: str, jids: list[str]) -> None:
+        """The server took these jobs into bid (+OK): each becomes a member, counted once however
+        often it is reported; a job that already ran (its ACK or FAIL came first) is counted as
+        run. Counts are taken in any state of the record (a count must never be lost); a bid with
+        no record has nothing to count into and is left alone."""
+
+    async def ran(self, bid: str, jid: str, ok: bool, token: str) -> list[Claim]:
+        """A job of bid was ACKed (`ok`) or FAILed at the server: its mark and the batch's counts
+        move (a job not counted yet keeps its outcome until it is); then evaluate, atomically in
+        the same step. Returns the callbacks it claimed, all under `token`, complete first."""
+
+    async def callback_ran(self, bid: str, kind: Kind, token: str) -> list[Claim]:
+        """bid's callback job of `kind` was ACKed: its stage moves from enqueued to done (from no
+        other stage), its claim is cleared (the ACK proves the server had it); then evaluate.
+        Returns the callbacks that made due (the success callback, the parent's), under `token`."""
+
+    async def settle(self, bid: str, token: str) -> list[Claim]:
+        """Evaluate bid (and up to its root) after its commit, so that an empty batch, or one whose
+        jobs all ran before the commit, fires at once. Returns the claims made, under `token`."""
+
+    async def confirm(self, bid: str, kind: Kind, token: str) -> None:
+        """The server took the callback of `kind` (+OK): its claim ends, if `token` still holds it
+        (a claim taken over since belongs to its new holder)."""
+
+    async def take_over(self, bid: str, kind: Kind, seen: str, token: str) -> Claim | None:
+        """If the claim of `kind` is still held by `seen` (its claimant looks dead), it passes to
+        `token` and is returned (the same callback job); else None (confirmed, or taken already)."""
+
+    async def batch_status(self, bid: str) -> BatchStatus | None:
+        """BATCH STATUS's figures (pending = members not ACKed, failed = members failing), or None
+        when bid has no record. A plain read: not atomic with concurrent counts."""
+
+    async def pending_jobs(self, bid: str, limit: int) -> list[str]:
+        """Up to `limit` members of bid not ACKed yet (pending or failing), in no particular order."""
+
+    async def watch(self, bid: str) -> None:
+        """Put bid in the watch index (batches being committed or committed whose callbacks are
+        not all settled), which every gateway's watcher walks."""
+
+    async def unwatch(self, bid: str) -> None:
+        """Take bid out of the watch index (it is settled, or has no record any more)."""
+
+    async def watched(self, cursor: int, count: int) -> tuple[int, list[str]]:
+        """One page of the watch index, SSCAN's way: start at cursor 0, go on with the cursor
+        returned until it is 0 again; a bid watched for the whole walk comes at least once (maybe
+        twice); `count` is a hint of the page's size."""
+
+    async def inspect(self, bids: list[str]) -> dict[str, Watched | None]:
+        """What a watcher needs of each bid (None: no record), read in one round trip for all of
+        them. Plain reads: each bid's figures may be a moment apart from another's."""
+
+    # ------------------------------------------------------------------------------------------
 
     async def ping(self) -> bool:
         """The store answers."""

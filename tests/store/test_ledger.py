@@ -16,31 +16,10 @@ from gateway.store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN, StoreErro
 from gateway.store.memory import DRAIN_EVERY, DRAIN_STEP, EXPIRE_PER_CALL, MemoryStore
 from gateway.store.redis import RedisStore
 from tests.support.client import uid
+from tests.support.ledgers import FakeClock, Ledger
 from tests.support.processes import free_port
 
 COMMITTED_RETENTION, FIRED_RETENTION = 1.2, 0.6
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Ledger:
-    """A store under test and a way to let its time pass."""
-
-    def __init__(self, store, clock: FakeClock | None):
-        self.store = store
-        self.clock = clock
-
-    async def wait(self, seconds: float) -> None:
-        if self.clock is not None:
-            self.clock.now += seconds
-        else:
-            await asyncio.sleep(seconds)
 
 
 @pytest.fixture(params=["memory", "redis"])

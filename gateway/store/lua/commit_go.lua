@@ -34,5 +34,6 @@ end
 redis.call('HDEL', KEYS[3], 'w:' .. ARGV[4])
 redis.call('HINCRBY', KEYS[3], 's:' .. ARGV[4], 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+expire_with_state(KEYS, ARGV[2])
 keep(KEYS[3])
 return {1}

@@ -2,8 +2,12 @@
 -- KEYS[1]  the batch's state (string: open | committing | committed | fired)
 -- KEYS[2]  the gateways' leases (hash: lease token -> beat)
 -- KEYS[3]  the commit attempts (hash: 'w:<id>' waiting or 's:<id>' sent -> beat)
+-- KEYS[4]  engine mode only: the batch's meta (hash: counts, callbacks, stages)
+-- KEYS[5]  engine mode only: the batch's jobs (hash: jid -> mark)
 -- ARGV[1], ARGV[2], ARGV[3]  record lifetimes in ms: open/committing, committed, fired
--- All three keys share the hash tag {<bid>}, so a script touches one Redis Cluster slot.
+-- A batch's keys share one hash tag ({<bid>}; in engine mode its tree's, {<tree>}), so a script
+-- touches one Redis Cluster slot. meta and jobs live exactly as long as state: every change of
+-- state's lifetime is made to them too, here.
 --
 -- No script reads Redis's clock (TIME): leases and attempts carry beats (counters), and only the
 -- gateways measure time, each on its own monotonic clock (docs/fence.md, A1). Key lifetimes are
@@ -18,10 +22,22 @@ local function ttl_for(state)
   return ARGV[1]
 end
 
+-- The engine's meta and jobs (keys[4], keys[5], when given) get the lifetime of the record's state.
+local function expire_with_state(keys, ttl)
+  for i = 4, #keys do redis.call('PEXPIRE', keys[i], ttl) end
+end
+
+-- Set a batch's state (keys: its state, leases, attempts[, meta, jobs]), for that state's lifetime.
+local function set_state_of(keys, state)
+  local ttl = ttl_for(state)
+  redis.call('SET', keys[1], state, 'PX', ttl)
+  expire_with_state(keys, ttl)
+  if state ~= 'committing' then redis.call('DEL', keys[3]) end
+  if state == 'committed' or state == 'fired' then redis.call('DEL', keys[2]) end
+end
+
 local function set_state(state)
-  redis.call('SET', KEYS[1], state, 'PX', ttl_for(state))
-  if state ~= 'committing' then redis.call('DEL', KEYS[3]) end
-  if state == 'committed' or state == 'fired' then redis.call('DEL', KEYS[2]) end
+  set_state_of(KEYS, state)
 end
 
 local function current()
