@@ -134,7 +134,11 @@ def open_store(config: Config) -> BatchStore:
 
     log.info("batch store: redis", extra={"url": redact_url(config.redis), "prefix": config.redis_key_prefix})
     return RedisStore(
-        config.redis, config.redis_key_prefix, config.committed_retention, config.batch_retention, engine=engine
+        config.redis,
+        config.redis_key_prefix,
+        config.committed_retention,
+        config.batch_retention,
+        engine=engine,
     )
 
 

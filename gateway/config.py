@@ -285,7 +285,10 @@ class Config:
     )
     redis_key_prefix: str = setting("fgw:", parse_text, "prefix of every Redis key the gateway writes")
     batches: Batches = setting(
-        Batches.ENTERPRISE, one_of(Batches), "who keeps batches: the Enterprise server or the gateway", "--batches"
+        Batches.ENTERPRISE,
+        one_of(Batches),
+        "who keeps batches: the Enterprise server or the gateway",
+        "--batches",
     )
     mode: Mode = setting(Mode.STRICT, one_of(Mode), "enforcement mode", "--mode")
     unknown_batch: UnknownBatch = setting(UnknownBatch.VERIFY, one_of(UnknownBatch), "batches with no record")

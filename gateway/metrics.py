@@ -122,7 +122,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         self.batches_stalled = metric(
-            Gauge, "batches_stalled", "Committed batches with pending jobs and no progress for batch_stall_after"
+            Gauge,
+            "batches_stalled",
+            "Committed batches with pending jobs and no progress for batch_stall_after",
         )
         self.engine_lost_counts = metric(
             Counter, "engine_lost_counts", "Batch counts the ledger did not take within the retry time"

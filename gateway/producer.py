@@ -102,7 +102,9 @@ class Producer:
         writer.write(b"HELLO " + json.dumps(hello).encode() + b"\r\n")
         ok = await conn.reply()
         if ok.is_error:
-            raise ProducerError(f"the server refused the handshake: {ok.raw.decode(errors='replace').strip()}")
+            raise ProducerError(
+                f"the server refused the handshake: {ok.raw.decode(errors='replace').strip()}"
+            )
         return conn
 
     def _drop(self) -> None:

@@ -76,9 +76,7 @@ class BatchGuard:
         counting = None
         if engine is not None:
             counting = Counting(store, self.outcomes, engine.callbacks, clock)
-        self.admission = Admission(
-            store, self.fence, self.outcomes, learner, settings, holdings, counting
-        )
+        self.admission = Admission(store, self.fence, self.outcomes, learner, settings, holdings, counting)
         self.commands: BatchCommands | EngineCommands
         if engine is None:
             self.commands = BatchCommands(

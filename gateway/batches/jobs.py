@@ -127,6 +127,7 @@ class JobReading(NamedTuple):  # a tuple: a frozen dataclass costs a microsecond
 
 BulkJob = JobReading  # one job of a PUSHB
 
+
 def read_bulk(payload: bytes) -> list[BulkJob] | None:
     """A PUSHB's jobs, as the server would read them; None when the payload is JSON but not a
     list (the server answers that itself). Raises Malformed."""

@@ -23,5 +23,9 @@ class RuleSettings:
     @classmethod
     def of(cls, config: Config) -> RuleSettings:
         return cls(
-            config.mode, config.unknown_batch, config.on_store_error, config.commit_fence_timeout, config.batches
+            config.mode,
+            config.unknown_batch,
+            config.on_store_error,
+            config.commit_fence_timeout,
+            config.batches,
         )

@@ -20,11 +20,11 @@ from ..decisions import Client, Decision, Forward, ReplyHandler
 from ..protocol import DOLLAR, Command, Reply
 from ..store import BatchStore, StoreError
 from . import jobs, policy
+from .engine.counting import Counting
 from .holdings import Holdings, holder
 from .learning import Learner
 from .outcomes import Outcomes
 from .policy import Malformed
-from .engine.counting import Counting
 from .settings import RuleSettings
 from .status import ask as ask_status
 
@@ -171,7 +171,9 @@ class Workers:
         reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else None
         return self._held(worker, jid, member_of, reserve, reply)
 
-    async def _held(self, worker: str, jid: str, bids: list[str], reserve: float | None, reply: Reply) -> bytes:
+    async def _held(
+        self, worker: str, jid: str, bids: list[str], reserve: float | None, reply: Reply
+    ) -> bytes:
         await self.outcomes.quietly("hold", self.holdings.fetched(worker, jid, bids, reserve))
         return reply.raw
 

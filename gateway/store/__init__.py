@@ -177,8 +177,10 @@ class BatchStore(Protocol):
     async def new_batch(self, bid: str, spec: BatchSpec) -> BatchState:
         """Create bid open, with its counts at zero and `spec`'s callbacks, unless it has a record
         already (then nothing changes and its state is returned: a retried BATCH NEW is harmless).
-        A child is counted in its parent's children in the same step; a parent with no record or
-        not open refuses it: nothing is created and the parent's state is returned. OPEN: created."""
+        A child is counted in its parent's children in the same step; a parent with no record,
+        being committed or fired refuses it (an open one takes it under the fence; a committed one
+        only when the caller let a worker holding one of its jobs add it): nothing is created and
+        the parent's state is returned. OPEN: created."""
 
     async def joined(self, bid: str, jids: list[str]) -> None:
         """The server took these jobs into bid (+OK): each becomes a member, counted once however

@@ -492,10 +492,11 @@ class MemoryStore:
         if state != UNKNOWN:
             return state
         if spec.parent is not None:
-            # The caller admitted the child under the parent's lease, so the parent is open; if it
-            # is not (any more), the child is refused and the parent's state tells why.
+            # The caller admitted the child under the parent's lease (open), or let a worker that
+            # holds a job of the committed parent add it (lua/new_batch.lua); any other state
+            # refuses the child, and says why.
             parent_state, parent = self._get(spec.parent), self._engine_batch(spec.parent)
-            if parent is None or parent_state != OPEN:
+            if parent is None or parent_state not in (OPEN, COMMITTED):
                 return parent_state
             parent.children += 1
         self._set(bid, OPEN)

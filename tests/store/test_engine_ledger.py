@@ -14,7 +14,7 @@ import re
 import pytest
 from redis.crc import key_slot
 
-from gateway.store import COMMITTED, FIRED, OPEN, UNKNOWN
+from gateway.store import COMMITTED, COMMITTING, FIRED, OPEN, UNKNOWN
 from gateway.store.engine import (
     ENGINE_OPEN_TTL,
     TREE_LENGTH,
@@ -170,23 +170,41 @@ async def test_a_batch_is_created_open_with_its_counts_at_zero(ledger):
     assert await store.state(bid) == COMMITTED
 
 
-async def test_a_child_is_counted_in_its_open_parent_and_refused_by_any_other(ledger):
+async def test_a_child_is_counted_in_its_open_or_committed_parent_and_refused_by_any_other(ledger):
     store = ledger.store
     parent = await batch(store)
     child = await batch(store, parent)
     assert (await store.batch_status(child)).parent == parent
-    await commit(store, parent)
-    late = new_bid(parent)
-    assert await store.new_batch(late, spec(parent)) == COMMITTED  # the parent's state
+    sealed = await batch(store)
+    await store.begin_commit(sealed, "c")
+    late = new_bid(sealed)
+    assert await store.new_batch(late, spec(sealed)) == COMMITTING  # the parent's state
     assert await store.batch_status(late) is None  # nothing created
     orphan = new_bid(new_bid(None))
     assert await store.new_batch(orphan, spec(tree_of(orphan))) == UNKNOWN  # no such parent
     assert await store.batch_status(orphan) is None
     # The parent counts one child, not two: once that one's complete stage is over, it fires.
+    await commit(store, parent)
     assert await store.settle(parent, "t") == []
     await commit(store, child)
     assert fired(await store.settle(child, "t")) == [(child, COMPLETE)]
     assert fired(await store.callback_ran(child, COMPLETE, "t")) == [(child, SUCCESS), (parent, COMPLETE)]
+
+
+async def test_a_child_added_to_a_committed_parent_holds_the_parent_back_and_a_fired_one_refuses(ledger):
+    """Mode member-reopen lets a worker holding a job of a committed batch add a child to it (the
+    rules check the holding): the parent then waits for that child too. A fired parent refuses."""
+    store = ledger.store
+    parent = await batch(store, kinds=(COMPLETE,))
+    await commit(store, parent)
+    await store.joined(parent, ["held"])
+    child = await batch(store, parent, kinds=(COMPLETE,))  # added while "held" runs
+    assert await store.ran(parent, "held", True, "t") == []  # the child is not complete yet
+    await commit(store, child)
+    assert fired(await store.settle(child, "t")) == [(child, COMPLETE)]
+    assert fired(await store.callback_ran(child, COMPLETE, "t")) == [(parent, COMPLETE)]
+    assert await store.state(parent) == FIRED
+    assert await store.new_batch(new_bid(parent), spec(parent)) == FIRED
 
 
 async def test_an_empty_batch_fires_on_settle_and_nothing_fires_before_commit(ledger):

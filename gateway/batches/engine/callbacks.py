@@ -116,7 +116,11 @@ class Callbacks:
             # cannot help. The claim is confirmed so that nobody loops on it; the error is loud.
             log.error(
                 "the server refused a callback job",
-                extra={"bid": claim.bid, "callback": claim.kind.value, "reply": reply.raw[:200].decode(errors="replace")},
+                extra={
+                    "bid": claim.bid,
+                    "callback": claim.kind.value,
+                    "reply": reply.raw[:200].decode(errors="replace"),
+                },
             )
             self.metrics.callbacks.labels(claim.kind.value, "refused").inc()
         else:
@@ -176,9 +180,16 @@ class Callbacks:
         if progress is None or progress[0] != watched.progress:
             self._progress_seen[bid] = (watched.progress, now)
             self.stalled.discard(bid)
-        elif watched.state in (COMMITTED, FIRED) and watched.pending > 0 and now - progress[1] >= self.stall_after:
+        elif (
+            watched.state in (COMMITTED, FIRED)
+            and watched.pending > 0
+            and now - progress[1] >= self.stall_after
+        ):
             if bid not in self.stalled:
-                log.warning("batch stalled: pending jobs made no progress", extra={"bid": bid, "pending": watched.pending})
+                log.warning(
+                    "batch stalled: pending jobs made no progress",
+                    extra={"bid": bid, "pending": watched.pending},
+                )
             self.stalled.add(bid)
 
     async def _take_over(self, bid: str, kind: Kind, seen: str) -> None:
@@ -186,7 +197,9 @@ class Callbacks:
         claim = await self.store.take_over(bid, kind, seen, self.new_token())
         if claim is None:
             return  # confirmed, or taken over by another gateway meanwhile
-        log.warning("taking over a callback whose gateway went away", extra={"bid": bid, "callback": kind.value})
+        log.warning(
+            "taking over a callback whose gateway went away", extra={"bid": bid, "callback": kind.value}
+        )
         self.metrics.callbacks.labels(kind.value, "taken_over").inc()
         self._claims_seen.pop((bid, kind), None)
         self.fire([claim], claimed_at)

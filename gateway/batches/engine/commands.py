@@ -101,14 +101,14 @@ class EngineCommands:
             callbacks = {kind: jobs.field(spec, kind.value) for kind in Kind}
         except Malformed as exc:
             return self.outcomes.malformed(command, client, str(exc))
-        callbacks = {kind: job for kind, job in callbacks.items() if job}
-        if not callbacks:
+        given = {kind: job for kind, job in callbacks.items() if job}
+        if not given:
             return Respond(error_reply("", "batch must have a success or complete callback"))
-        if not all(isinstance(job, dict) and isinstance(job.get("jobtype"), str) and job["jobtype"]
-                   for job in callbacks.values()):  # fmt: skip
+        jobs_given = {kind: job for kind, job in given.items() if isinstance(job, dict) and _jobtype(job)}
+        if len(jobs_given) != len(given):
             return Respond(error_reply("", "batch callbacks must be job objects with a jobtype"))
         description = description if isinstance(description, str) else ""
-        create = functools.partial(self._create, parent, description, callbacks, command, client)
+        create = functools.partial(self._create, parent, description, jobs_given, command, client)
         if parent is None:
             return Later(create)
         return Later(functools.partial(self._new_child, parent, create, command, client), barrier=True)
@@ -125,7 +125,9 @@ class EngineCommands:
         if state == UNKNOWN or state is None:
             return no_such_batch(parent)
         if state != OPEN:
-            return self.outcomes.refuse(self.outcomes.sealed(parent, state, nest=True), command, client, parent)
+            return self.outcomes.refuse(
+                self.outcomes.sealed(parent, state, nest=True), command, client, parent
+            )
         try:
             return await create()
         finally:
@@ -133,7 +135,12 @@ class EngineCommands:
                 ticket.answered()
 
     async def _create(
-        self, parent: str | None, description: str, callbacks: dict[Kind, dict], command: Command, client: Client
+        self,
+        parent: str | None,
+        description: str,
+        callbacks: dict[Kind, dict],
+        command: Command,
+        client: Client,
     ) -> Settled:
         bid = new_bid(parent)
         jobs_json = {kind: _callback_job(job, kind, bid, parent) for kind, job in callbacks.items()}
@@ -208,13 +215,19 @@ class EngineCommands:
         return Respond(bulk_reply(status.to_json()))
 
 
+def _jobtype(job: dict) -> bool:
+    jobtype = job.get("jobtype")
+    return isinstance(jobtype, str) and bool(jobtype)
+
+
 def _callback_job(job: dict, kind: Kind, bid: str, parent: str | None) -> str:
     """The callback job as it will be pushed: the client's job, with a jid (the one it gave, so
     the client can recognise it, else a new one), Faktory's defaults, and `_bid`, `_cb` and (for a
     child's callbacks) `_pbid` in its custom, where Enterprise puts them. No `bid`: a callback is
     not a member of any batch."""
-    custom = job.get("custom") if isinstance(job.get("custom"), dict) else {}
-    custom = {key: value for key, value in custom.items() if key not in ("bid", "_bid", "_pbid", "_cb")}
+    given = job.get("custom")
+    custom = {key: value for key, value in (given if isinstance(given, dict) else {}).items()
+              if key not in ("bid", "_bid", "_pbid", "_cb")}  # fmt: skip
     custom |= {"_bid": bid, "_cb": kind.value} | ({"_pbid": parent} if parent else {})
     jid = job.get("jid")
     full = job | {
@@ -224,4 +237,3 @@ def _callback_job(job: dict, kind: Kind, bid: str, parent: str | None) -> str:
         "custom": custom,
     }
     return json.dumps(full, separators=(",", ":"))
-

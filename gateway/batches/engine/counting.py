@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 from ...protocol import DOLLAR, Reply
 from ...store import BatchStore, StoreError
@@ -116,10 +116,10 @@ class Counting:
         reserve = job.get("reserve_for")
         reserve = float(reserve) if isinstance(reserve, (int, float)) and reserve > 0 else DEFAULT_RESERVATION
         expires = self.clock() + reserve
-        callback_of, kind = custom.get("_bid"), custom.get("_cb")
+        callback_of, kind, bid = custom.get("_bid"), custom.get("_cb"), custom.get("bid")
         if _valid(callback_of) and kind in (Kind.COMPLETE, Kind.SUCCESS):
             self._track(jid, Tracked(callback_of, Kind(kind), expires))
-        elif _valid(bid := custom.get("bid")):
+        elif _valid(bid):
             self._track(jid, Tracked(bid, None, expires))
 
     def _track(self, jid: str, tracked: Tracked) -> None:
@@ -161,9 +161,9 @@ class Counting:
                 return reply.raw  # the server did not take it: the job runs again, and is tracked again
             claimed_at = self.clock()
             token = self.callbacks.new_token()
-            if tracked.kind is not None:
+            if (kind := tracked.kind) is not None:
                 claims = await self._retried(
-                    "callback_ran", lambda: self.store.callback_ran(tracked.bid, tracked.kind, token), tracked.bid
+                    "callback_ran", lambda: self.store.callback_ran(tracked.bid, kind, token), tracked.bid
                 )
             else:
                 claims = await self._retried(
@@ -203,7 +203,7 @@ def _jid_of(args: bytes) -> str | None:
     return jid if isinstance(jid, str) else None
 
 
-def _valid(bid: object) -> bool:
+def _valid(bid: object) -> TypeGuard[str]:
     return isinstance(bid, str) and policy.BID.fullmatch(bid) is not None
 
 

@@ -2,8 +2,9 @@
 -- ARGV[6] parent bid ('' for a root), ARGV[7] description, ARGV[8] created_at,
 -- ARGV[9..] its callbacks as kind, job JSON pairs.
 -- A child is counted in its parent's children in the same step. The caller admitted it under the
--- parent's lease, so the parent is open; if it has no record or is not open, the child is refused
--- and nothing is created. Returns 'open' when created, else the state that stopped it: the batch's
+-- parent's lease (open), or let a worker holding a job of the committed parent add it (mode
+-- member-reopen: that job keeps the parent from completing); a parent with no record, being
+-- committed or fired refuses the child, and nothing is created. Returns 'open' when created, else the state that stopped it: the batch's
 -- own (it exists: a retried BATCH NEW changes nothing) or the parent's (refused).
 local before = current()
 if before ~= 'unknown' then return before end
@@ -11,7 +12,7 @@ local parent = ARGV[6]
 if parent ~= '' then
   local parent_keys = keys_of(parent)
   local parent_state = redis.call('GET', parent_keys[1]) or 'unknown'
-  if parent_state ~= 'open' then return parent_state end
+  if parent_state ~= 'open' and parent_state ~= 'committed' then return parent_state end
   redis.call('HINCRBY', parent_keys[4], 'children', 1)
   expire_with_record(parent_keys)
 end
