@@ -371,7 +371,7 @@ class Fence:
             return COMMITTING
         self._attempt_watch.forget(bid)
         state = await counted(self.metrics, "abandon", self.store.abandon(bid, attempts))
-        if state != COMMITTING:
+        if state != COMMITTING and attempts:  # none: its committer finished while we read
             log.warning("abandoned commit resolved", extra={"bid": bid, "state": str(state)})
         return state
 

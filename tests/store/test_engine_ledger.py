@@ -607,6 +607,19 @@ async def test_inspect_reads_what_a_watcher_needs_of_many_batches_in_one_round_t
     assert (await store.inspect([child]))[child].settled
 
 
+async def test_inspect_reads_a_whole_sweep_page_at_once(ledger):
+    """A sweep reads SWEEP_PAGE batches at once, two commands each, all in flight together: on a
+    Cluster, more than redis-py's connections per node (they wait for one, never fail)."""
+    from gateway.batches.engine.callbacks import SWEEP_PAGE
+
+    store = ledger.store
+    bids = [new_bid(None) for _ in range(SWEEP_PAGE)]
+    for bid in bids[:10]:
+        assert await store.new_batch(bid, spec()) == OPEN
+    found = await store.inspect(bids)
+    assert [bid for bid, watched in found.items() if watched is not None] == bids[:10]
+
+
 class _RoundTrips:
     def __init__(self) -> None:
         self.total = self.peak = self.in_flight = 0
