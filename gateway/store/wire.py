@@ -172,21 +172,33 @@ class PipelinedConnection:
             self._pipe.transport.close()
 
 
+CLUSTER_IN_FLIGHT = 64  # commands in flight on a Cluster at once (connections per node, at most)
+
+
 class ClusterConnection:
-    """Redis Cluster through redis-py, which routes each command to its slot's node."""
+    """Redis Cluster through redis-py, which routes each command to its slot's node.
+
+    redis-py opens a connection per concurrent command, up to `max_connections` per node, and
+    fails the command beyond that (MaxConnectionsError): calls past CLUSTER_IN_FLIGHT wait here
+    for a free one instead, so a burst (a sweep reading hundreds of batches, a spike of batch
+    commands) is queued, never refused."""
 
     def __init__(self, url: str):
         from redis.asyncio.cluster import RedisCluster
 
         self.client = RedisCluster.from_url(
-            url.replace("redis+cluster://", "redis://", 1), decode_responses=True
+            url.replace("redis+cluster://", "redis://", 1),
+            decode_responses=True,
+            max_connections=CLUSTER_IN_FLIGHT,
         )
+        self._in_flight = asyncio.Semaphore(CLUSTER_IN_FLIGHT)
 
     async def call(self, *args):
         from redis.exceptions import NoScriptError, RedisError, ResponseError
 
         try:
-            reply = await self.client.execute_command(*args)
+            async with self._in_flight:
+                reply = await self.client.execute_command(*args)
         except NoScriptError as exc:  # redis-py drops the error code the store looks for
             raise ReplyError(f"NOSCRIPT {exc}") from exc
         except ResponseError as exc:
