@@ -162,12 +162,13 @@ class Admission:
     ) -> Decision:
         """Admit `command` into bid and forward it. When the connection is quiet and this
         gateway's lease on bid admits locally: at once, no store call, no task. Otherwise after
-        the barrier, through the full admission (local admission is not tried twice)."""
+        the barrier, through the full admission (which tries the local lease again: one may have
+        been taken meanwhile, by another command, and a second lease would not be sealed)."""
         if len(command.raw) > ADMIT_MAX_BYTES:
             return self._too_large(command, client, bid)
         if quiet and (ticket := self.fence.admit_locally(bid)) is not None:
             return Forward(command.raw, on_reply, ticket)
-        work = functools.partial(self._admit_and_forward, command, client, bid, nest, on_reply, not quiet)
+        work = functools.partial(self._admit_and_forward, command, client, bid, nest, on_reply)
         return Later(work, barrier=True)
 
     async def _admit_and_forward(
@@ -177,10 +178,9 @@ class Admission:
         bid: str,
         nest: bool,
         on_reply: ReplyHandler | None,
-        local: bool,
     ) -> Settled:
         try:
-            state, ticket = await self.admit(bid, client, local)
+            state, ticket = await self.admit(bid, client)
         except StoreError as exc:
             return self.outcomes.store_down(bid, command, client, exc)
         if state is None:  # no such batch: the server's own answer
@@ -189,13 +189,11 @@ class Admission:
             return self.outcomes.refuse(self.outcomes.sealed(bid, state, nest), command, client, bid)
         return Forward(command.raw, on_reply, ticket)
 
-    async def admit(
-        self, bid: str, client: Client, local: bool = True
-    ) -> tuple[BatchState | None, Ticket | None]:
+    async def admit(self, bid: str, client: Client) -> tuple[BatchState | None, Ticket | None]:
         """Admit one command into bid. (OPEN, ticket); (OPEN, None) when `unknown_batch: allow`
         let an unknown batch through; (None, None) when the server has no such batch (its own
         answer goes to the client); else (the state that refuses, None). Raises StoreError."""
-        state, ticket = await self.fence.admit(bid, local)
+        state, ticket = await self.fence.admit(bid)
         if state == COMMITTED and await self._reopened_by(bid, client):
             return OPEN, None  # no lease: the worker's own job keeps the batch from completing
         if state == UNKNOWN:

@@ -297,14 +297,17 @@ class Fence:
         lease.used = now
         return Ticket(self, lease)
 
-    async def admit(self, bid: str, local: bool = True) -> tuple[BatchState, Ticket | None]:
+    async def admit(self, bid: str) -> tuple[BatchState, Ticket | None]:
         """Admit one command into bid: (OPEN, ticket), or (the state that refuses it, None).
-        Without `local`, the caller has just tried `admit_locally` itself.
+
+        The local lease is always tried first, even by a caller that tried it a moment ago: a
+        lease taken meanwhile (by another command) must not be replaced by a second one, which a
+        seal would not find (`_sealed` seals the current lease) and which would then hold a
+        commit until its next renewal.
 
         Raises StoreError when the store cannot be asked."""
         while True:
-            ticket = self.admit_locally(bid) if local else None
-            local = True
+            ticket = self.admit_locally(bid)
             if ticket is not None:
                 return OPEN, ticket
             lease = self._leases.get(bid)

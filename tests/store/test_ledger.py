@@ -383,3 +383,16 @@ async def test_a_commit_that_does_not_adopt_leaves_an_unknown_batch_alone(ledger
     await store.create(bid)
     assert await store.begin_commit(bid, "c", adopt=False) == OPEN  # a known batch: as always
     assert (await store.commit_go(bid, "c", {}, adopt=False)).go
+
+
+async def test_a_burst_of_calls_on_a_redis_cluster_waits_for_connections_and_fails_none(redis_cluster):
+    """redis-py opens a connection per concurrent command, up to a limit per node, and fails the
+    rest (MaxConnectionsError): a burst of batch commands must queue instead (a spike of pushes
+    into many batches, or the engine's sweep, reads hundreds at once)."""
+    store = RedisStore(redis_cluster.url, f"test-{uid()}:", COMMITTED_RETENTION, FIRED_RETENTION)
+    try:
+        bids = [new_bid() for _ in range(400)]
+        await asyncio.gather(*(store.create(bid) for bid in bids))
+        assert set(await asyncio.gather(*(store.state(bid) for bid in bids))) == {OPEN}
+    finally:
+        await store.close()

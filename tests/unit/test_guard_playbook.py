@@ -88,6 +88,27 @@ async def test_admission_takes_a_lease_once_then_admits_locally(guard, store):
     assert calls(guard, "acquire") == 1
 
 
+async def test_a_command_decided_before_the_lease_existed_is_admitted_under_it_and_a_seal_ends_it(
+    guard, store
+):
+    """Two PUSHes decided while this gateway held no lease (both Later): the first takes one;
+    the second, worked out after that, is admitted under the same lease. A second lease would
+    not be the one a seal finds: the commit would wait for its next renewal (found by the race
+    test, where it held 20 % of the commits for up to 2 s)."""
+    await store.create("b-1")
+    early, late = FakeClient(), FakeClient()
+    first = guard.decide(Command.parse(push("b-1", "j1").encode() + b"\r\n"), early, True)
+    second = guard.decide(Command.parse(push("b-1", "j2").encode() + b"\r\n"), late, True)
+    assert type(first) is Later and type(second) is Later
+    first, second = await first.work(), await second.work()
+    assert isinstance(first, Forward) and isinstance(second, Forward)
+    assert calls(guard, "acquire") == 1 and first.ticket.lease is second.ticket.lease
+    await answer(first)
+    await answer(second)
+    commit = guard.fence.begin_commit("b-1", guard.fence.new_attempt(), timeout=1.0)
+    assert await asyncio.wait_for(commit, 0.5) == CommitStart.GO  # released at the seal, not at a renewal
+
+
 async def test_pushes_and_children_into_a_committed_batch_are_refused(guard, store):
     client = FakeClient()
     await committed(guard, store, "b-1", client)
