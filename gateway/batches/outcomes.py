@@ -64,6 +64,8 @@ class Outcomes:
         """Why a batch in `state` takes no job (nest: no child batch)."""
         settings = self.settings
         if state == UNKNOWN:
+            if settings.engine:
+                return policy.refusal_no_such_batch(bid)
             return policy.refusal_unknown(bid, settings.unknown_batch)
         if nest:
             refusal = policy.refusal_to_nest(bid, state, settings.mode)

@@ -109,6 +109,11 @@ def refusal_unknown(bid: str, unknown_batch: UnknownBatch) -> Refusal:
     return Refusal("BATCH_UNKNOWN", _in_force(message, "unknown_batch", unknown_batch))
 
 
+def refusal_no_such_batch(bid: str) -> Refusal:
+    """batches: gateway: the ledger is the only authority, and it has no such batch."""
+    return Refusal("BATCH_UNKNOWN", _in_force(f"no such batch {bid}", "batches", "gateway"))
+
+
 def refusal_store_down(bid: str, on_store_error: OnStoreError) -> Refusal:
     message = f"the batch store is unavailable; batch {bid} cannot be checked; retry"
     return Refusal("STATE_UNAVAILABLE", _in_force(message, "on_store_error", on_store_error))

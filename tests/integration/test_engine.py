@@ -72,7 +72,16 @@ def test_complete_then_success_in_order_with_the_status_at_every_step(clients):
     bid = new_batch(producer, complete=callbacks, success=callbacks)
     assert bid.startswith("b-") and len(bid) == 18
     first = status(producer, bid)
-    assert set(first) == {"bid", "description", "created_at", "total", "pending", "failed", "complete_st", "success_st"}
+    assert set(first) == {
+        "bid",
+        "description",
+        "created_at",
+        "total",
+        "pending",
+        "failed",
+        "complete_st",
+        "success_st",
+    }
     assert counts(producer, bid) == (0, 0, 0, "", "")
     jids = [push_into(producer, bid, queue) for _ in range(3)]
     assert counts(producer, bid) == (3, 3, 0, "", "")  # counted when the server said +OK
@@ -342,7 +351,10 @@ def test_an_ack_around_the_gateway_stalls_the_batch_visibly(oss):
     gateway = GatewayProcess(oss.url, *ENGINE, env={"FAKTORY_GATEWAY_BATCH_STALL_AFTER": "1s"}).start()
     try:
         queue, callbacks = "q-" + uid(), "cb-" + uid()
-        with RawClient.connect(gateway.url) as producer, RawClient.connect(oss.url, wid="w-" + uid()) as direct:
+        with (
+            RawClient.connect(gateway.url) as producer,
+            RawClient.connect(oss.url, wid="w-" + uid()) as direct,
+        ):
             bid = new_batch(producer, success=callbacks)
             jid = push_into(producer, bid, queue)
             assert producer.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
@@ -350,7 +362,9 @@ def test_an_ack_around_the_gateway_stalls_the_batch_visibly(oss):
         wait_until(lambda: gateway.metric("faktory_gateway_batches_stalled") == 1, 15, "the stall to show")
         code, body = gateway.http(f"/batches/{bid}")
         view = json.loads(body)
-        assert code == 200 and view["stalled"] and view["pending_jids"] == [jid] and view["state"] == "committed"
+        assert (
+            code == 200 and view["stalled"] and view["pending_jids"] == [jid] and view["state"] == "committed"
+        )
         assert view["pending"] == 1 and view["total"] == 1
         assert gateway.http_status("/batches/b-unknown") == 404
     finally:

@@ -40,6 +40,8 @@ ALERTS = {
     "FaktoryGatewayCommitFenceTimeouts",
     "FaktoryGatewayBatchLeaseLost",
     "FaktoryGatewayShieldedLines",
+    "FaktoryGatewayBatchesStalled",
+    "FaktoryGatewayBatchCountsLost",
     "FaktoryGatewayStoreUnavailable",
     "FaktoryGatewayUpstreamUnreachable",
     "FaktoryGatewayConnectionLimitNear",

@@ -70,4 +70,3 @@ def requeue_retries(client: RawClient, jid: str) -> None:
     mutate = {"cmd": "requeue", "target": "retries", "filter": {"jids": [jid]}}
     # No spaces: the server splits the line on them and wants exactly two parts.
     assert client.call("MUTATE " + json.dumps(mutate, separators=(",", ":"))) == b"+OK\r\n"
-

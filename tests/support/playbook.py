@@ -103,8 +103,8 @@ async def decide(guard: BatchGuard, line: str | bytes, client, quiet: bool = Tru
 
 
 async def answer(decision: Decision, reply: bytes = OK) -> bytes:
-    """The server answered a forwarded command (`reply`): the ticket ends, the reply handler runs,
-    and the bytes the client then gets come back. A Respond is its own answer."""
+    """The server answered a forwarded command (`reply`): the reply handler runs, then the ticket
+    ends, and the bytes the client then gets come back. A Respond is its own answer."""
     if type(decision) is Respond:
         return decision.data
     assert decision is None or type(decision) is Forward, decision
@@ -112,11 +112,14 @@ async def answer(decision: Decision, reply: bytes = OK) -> bytes:
         return reply
     if decision.ticket is not None:
         decision.ticket.written(lambda: None)
-        decision.ticket.answered()
-    if decision.on_reply is None:
-        return reply
-    outcome = decision.on_reply(reply_of(reply))
-    raw = await outcome if inspect.isawaitable(outcome) else outcome
+    try:
+        if decision.on_reply is None:
+            return reply
+        outcome = decision.on_reply(reply_of(reply))
+        raw = await outcome if inspect.isawaitable(outcome) else outcome
+    finally:  # as order.py does: the admission ends once the reply handler is done
+        if decision.ticket is not None:
+            decision.ticket.answered()
     for _ in range(3):  # store updates the handler left running (a commit's record) get their turn
         await asyncio.sleep(0)
     return raw

@@ -191,6 +191,32 @@ def test_the_ticket_contract():
     assert third.calls == ["writable", "written", "lost"]
 
 
+def test_an_admitted_commands_ticket_ends_after_its_reply_handler():
+    """What a reply handler records (the engine counts a job the server took) is in the ledger
+    before the admission ends, so before a commit of the batch can pass the fence; and the
+    client's reply waits for it too."""
+
+    async def scenario():
+        ticket = FakeTicket()
+        recorded = asyncio.Event()
+
+        async def count(reply):
+            await recorded.wait()
+            return reply.raw
+
+        rules = ScriptedRules({b"PUSH": lambda command: Forward(command.raw, count, ticket)})
+        harness = greeted(rules)
+        harness.from_client(b"PUSH 1\r\n")
+        harness.from_server(b"+OK\r\n")
+        await asyncio.sleep(0.01)
+        assert ticket.calls == ["writable", "written"] and harness.client == b""  # still counting
+        recorded.set()
+        await asyncio.sleep(0.01)
+        assert ticket.calls[-1] == "answered" and harness.client == b"+OK\r\n"
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_push_admitted_in_the_fast_lane_keeps_the_ticket_contract():
     """A one-line PUSH that the guard admits under a local lease rides the fast lane: written
     unchanged, SO_LINGER first, its ticket ended by its own reply, lost with the connection."""
