@@ -185,7 +185,7 @@ class Counting:
                 return await self.outcomes.call(operation, call())
             except StoreError as exc:
                 if self.clock() >= give_up:
-                    self.callbacks.metrics.engine_lost_counts.inc()
+                    self.outcomes.metrics.engine_lost_counts.inc()
                     log.error(
                         "batch count lost: the ledger did not answer",
                         extra={"operation": operation, "bid": bid, "error": str(exc)},
