@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine, idempotently:
 # redis-server, haproxy and promtool (Debian), the Faktory OSS server (built with `go install` from
-# the Go module proxy), the npm client used by the tests, a test-only clock-stepping library (gcc),
-# and this package with its test extras in .venv.
+# the Go module proxy), the Go and npm client programs used by the tests, a test-only
+# clock-stepping library (gcc), and this package with its test extras in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -38,6 +38,15 @@ fi
 if [ ! -x .tools/bin/violate465 ] || [ tests/clients/go/main.go -nt .tools/bin/violate465 ]; then
   echo "== building the Go client test program"
   (cd tests/clients/go && GOFLAGS=-mod=mod go build -o "$repo/.tools/bin/violate465" .)
+fi
+
+# The batch workflow (the Go client's batch API and faktory_worker_go) that the engine's client
+# tests and the demo run: rebuilt when its source or the module's requirements change.
+if [ ! -x .tools/bin/workflow ] \
+   || [ -n "$(find tests/clients/go/workflow tests/clients/go/go.mod tests/clients/go/go.sum \
+              -newer .tools/bin/workflow -print -quit)" ]; then
+  echo "== building the Go batch workflow (faktory_worker_go)"
+  (cd tests/clients/go && GOFLAGS=-mod=mod go build -o "$repo/.tools/bin/workflow" ./workflow)
 fi
 
 if [ ! -f .tools/lib/clockshift.so ] || [ tests/support/clockshift/clockshift.c -nt .tools/lib/clockshift.so ]; then
