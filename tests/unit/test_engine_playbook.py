@@ -94,7 +94,7 @@ async def test_batch_commands_are_answered_from_the_ledger_with_enterprises_shap
     assert status["created_at"].endswith("Z") and "." in status["created_at"]  # RFC 3339, sub-second
     assert await respond(guard, f"BATCH COMMIT {bid}", client) == OK
     for sub in ("OPEN", "STATUS", "COMMIT"):
-        assert await respond(guard, f"BATCH {sub} b-nope", client) == b"-ERR no such batch b-nope\r\n"
+        assert await respond(guard, f"BATCH {sub} b-nope", client) == b"-ERR No such batch b-nope\r\n"
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ async def test_batch_commands_are_answered_from_the_ledger_with_enterprises_shap
         ({"description": "no callback"}, b"-ERR batch must have a success or complete callback\r\n"),
         ({"success": {"args": []}}, b"-ERR batch callbacks must be job objects with a jobtype\r\n"),
         ({"success": "Done"}, b"-ERR batch callbacks must be job objects with a jobtype\r\n"),
-        ({"success": {"jobtype": "Done"}, "parent_bid": "b-none"}, b"-ERR no such batch b-none\r\n"),
+        ({"success": {"jobtype": "Done"}, "parent_bid": "b-none"}, b"-ERR No such batch b-none\r\n"),
     ],
 )
 async def test_a_batch_new_the_engine_cannot_take_gets_a_clear_error(engine, spec, reply):

@@ -1,8 +1,10 @@
 """`BATCH NEW/OPEN/COMMIT/STATUS` with `batches: gateway`: answered from the ledger, never
 forwarded (Faktory OSS has no batches). Replies have Enterprise's shapes, which the clients parse:
 `NEW` and `OPEN` answer the bid as a bulk string, `COMMIT` `+OK`, `STATUS` Enterprise's JSON, and
-a bid the ledger does not have gets `-ERR no such batch <bid>` (Ent 1.9.2's text; clients match
-its start, in any case).
+a bid the ledger does not have gets `-ERR No such batch <bid>`: Enterprise up to 1.9.1 wrote
+"No", 1.9.2 and later "no"; faktory-rs 0.13 (the release on crates.io) matches "No such batch"
+exactly and later versions match either case, so "No" is the text every client that looks
+understands.
 
 The #465 rules are the same as in front of Enterprise, with the same code: a child batch is
 admitted like a job of its parent, under the parent's fence lease (I3); `OPEN` of a committed
@@ -40,7 +42,7 @@ OK = b"+OK\r\n"
 
 
 def no_such_batch(bid: str) -> Respond:
-    return Respond(error_reply("", f"no such batch {bid}"))
+    return Respond(error_reply("", f"No such batch {bid}"))
 
 
 def created_at() -> str:
