@@ -6,8 +6,10 @@ documents (docs/engine.md)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from typing import NamedTuple
@@ -298,6 +300,62 @@ def test_commits_racing_pushes_over_two_gateways(oss, ledger, request):
     finally:
         for gateway in gateways:
             gateway.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A reservation that expires: the server runs the job again
+
+
+def expire_reservations(server: FaktoryServer) -> int:
+    """Make every reservation on the server due now, in its own Redis (a sorted set `working`
+    scored by expiry): its reaper, which runs every 15 s, then fails them to the retry set exactly
+    as it does when `reserve_for` (60 s at least) ran out. Returns how many were moved."""
+    script = "local n = 0 for _, m in ipairs(redis.call('ZRANGE', 'working', 0, -1)) do n = n + redis.call('ZADD', 'working', 'XX', 'CH', 1, m) end return n"
+    sock = os.path.join(server.storage, "redis.sock")
+    done = subprocess.run(
+        ["redis-cli", "-s", sock, "EVAL", script, "0"], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.strip())
+
+
+def test_a_job_run_again_after_its_reservation_expired_counts_once(oss, redis_server):
+    """Worker A takes a member through gateway A and stalls; its reservation expires and the
+    server hands the job out again; worker B runs it through gateway B and ACKs; A's late ACK
+    (the server answers +OK: it no longer has the reservation) changes nothing."""
+    ledger = {"FAKTORY_GATEWAY_REDIS_KEY_PREFIX": f"expiry-{uid()}:"}
+    a = GatewayProcess(oss.url, *ENGINE, "--redis", redis_server.url, env=ledger).start()
+    b = GatewayProcess(oss.url, *ENGINE, "--redis", redis_server.url, env=ledger).start()
+    try:
+        queue, callbacks = "q-" + uid(), "cb-" + uid()
+        with (
+            RawClient.connect(a.url) as producer,
+            RawClient.connect(a.url, wid="w-" + uid()) as stalled,
+            RawClient.connect(b.url, wid="w-" + uid()) as worker,
+        ):
+            bid = new_batch(producer, complete=callbacks, success=callbacks)
+            jid = push_into(producer, bid, queue)
+            assert producer.call(f"BATCH COMMIT {bid}") == b"+OK\r\n"
+            assert fetch(stalled, queue)["jid"] == jid
+            assert expire_reservations(oss) == 1
+            rerun = None
+            deadline = time.monotonic() + 30
+            while rerun is None and time.monotonic() < deadline:  # the reaper's turn, then now
+                requeue_retries(worker, jid)
+                rerun = fetch(worker, queue, wait=0)
+            assert rerun is not None and rerun["jid"] == jid and rerun["failure"], rerun
+            # The expiry is a failure only the server saw: the job is still pending, not failed.
+            assert counts(producer, bid) == (1, 1, 0, "", "")
+            assert worker.call("ACK " + json.dumps({"jid": jid})) == b"+OK\r\n"
+            assert counts(producer, bid) == (1, 0, 0, "1", "")
+            run_one(worker, callbacks)
+            run_one(worker, callbacks)
+            assert counts(producer, bid) == (1, 0, 0, "2", "2")
+            assert stalled.call("ACK " + json.dumps({"jid": jid})) == b"+OK\r\n"  # late, through A
+            assert counts(producer, bid) == (1, 0, 0, "2", "2")
+            assert fetch(worker, callbacks, wait=0) is None  # each callback once
+    finally:
+        a.stop()
+        b.stop()
 
 
 # ---------------------------------------------------------------------------------------------
