@@ -56,9 +56,18 @@ def test_demo_shows_every_465_violation_accepted_direct_and_refused_through_the_
     assert table_rows(result.stdout) == EXPECTED_ROWS, result.stdout
     assert "Every row as expected" in result.stdout
     assert 'faktory_gateway_refusals_total{code="PARENT_SEALED"} 1.0' in result.stdout
-    # Faktory, the stand-in, both gateways and their metrics ports: all stopped when it returns.
+    # Part two, batches on Faktory OSS: the callbacks as the worker ran them, in Enterprise's order.
+    callbacks = re.findall(r"^  ran (\w+) callback of the (\w+) ", result.stdout, re.M)
+    assert callbacks in (
+        [("complete", "child"), ("complete", "parent"), ("success", "child"), ("success", "parent")],
+        [("complete", "child"), ("success", "child"), ("complete", "parent"), ("success", "parent")],
+    ), result.stdout
+    assert re.search(r"^  ran Flaky \(child\) +failed: ", result.stdout, re.M), result.stdout
+    assert re.search(r"^  ran Flaky \(child\) +retried, succeeded", result.stdout, re.M), result.stdout
+    assert "As Enterprise documents it" in result.stdout
+    # Faktory, the stand-in, the three gateways and their metrics ports: all stopped when it returns.
     ports = ports_in(result.stdout)
-    assert len(ports) == 6, result.stdout
+    assert len(ports) == 8, result.stdout
     assert all(refused(port) for port in ports), result.stdout
 
 

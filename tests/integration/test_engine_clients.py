@@ -6,14 +6,13 @@ the programs are written as a user writes them against Faktory Enterprise."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 
 from tests.support.client import uid
-from tests.support.processes import REPO, FaktoryServer, GatewayProcess
+from tests.support.processes import FaktoryServer, GatewayProcess
+from tests.support.workflow import run_workflow
 
 ENGINE = ("--batches", "gateway", "--log-level", "warning", "--mode", "member-reopen")
 ENT_BID = re.compile(r"b-[A-Za-z0-9_-]{16}")  # what BATCH NEW answers (docs/engine.md)
@@ -44,24 +43,10 @@ def pair(request, oss):
     workers.stop()
 
 
-def workflow(command: str, url: str, queue: str) -> list[dict]:
-    """Runs tests/clients/go/workflow; its stdout is one JSON record a line."""
-    result = subprocess.run(
-        [str(REPO / ".tools/bin/workflow"), command, "-queue", queue, "-timeout", "60s"],
-        env={**os.environ, "FAKTORY_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 def test_the_go_client_and_faktory_worker_go_run_a_nested_workflow(pair):
     producers, workers = pair
-    queue = "wf-" + uid()
-    [produced] = workflow("produce", producers.url, queue)
-    parent, child = produced["parent"], produced["child"]
+    flow = run_workflow(producers.url, workers.url, "wf-" + uid())
+    produced, parent, child = flow.produced, flow.parent, flow.child
     assert ENT_BID.fullmatch(parent)
     assert child.startswith(parent) and len(child) == 28  # one tree, one Cluster slot
     # Committed, nothing run yet: what the Go client's BatchStatus parses.
@@ -78,9 +63,7 @@ def test_the_go_client_and_faktory_worker_go_run_a_nested_workflow(pair):
     for status in (produced["parent_status"], produced["child_status"]):
         assert (status["complete_st"], status["success_st"]) == ("", "")
 
-    records = workflow("work", workers.url, queue)
-    ran = [r for r in records if r["event"] == "ran"]
-    final = {r["bid"]: r["status"] for r in records if r["event"] == "final"}
+    ran, final = flow.ran, flow.final
 
     # Every job ran, the flaky one twice (failed, then its retry succeeded); Spawn's help.Batch
     # reopened the committed parent (BATCH OPEN answered the parent's bid) and added a job to it.
@@ -95,16 +78,12 @@ def test_the_go_client_and_faktory_worker_go_run_a_nested_workflow(pair):
     assert flaky[0]["bid"] == child
 
     # Each callback once, with the custom fields Enterprise sets, in the documented order.
-    callbacks = {(r["_bid"], r["_cb"]): i for i, r in enumerate(ran) if r["_cb"]}
-    assert len(callbacks) == len([r for r in ran if r["_cb"]]) == 4
+    assert flow.order_problems() == []  # each once; complete before success, children first
+    callbacks = flow.callbacks()
     for (bid, kind), i in callbacks.items():
         assert ran[i]["jobtype"] == kind.capitalize() and ran[i]["error"] == ""
         assert ran[i]["_pbid"] == (parent if bid == child else "")
         assert ran[i]["jid"] == produced["callbacks"][f"{'parent' if bid == parent else 'child'}_{kind}"]
-    assert callbacks[child, "complete"] < callbacks[child, "success"]
-    assert callbacks[child, "complete"] < callbacks[parent, "complete"]
-    assert callbacks[parent, "complete"] < callbacks[parent, "success"]
-    assert callbacks[child, "success"] < callbacks[parent, "success"]
     # The child's complete callback saw the failure (and requeued its retry); its success
     # callback saw it recovered.
     child_complete = ran[callbacks[child, "complete"]]

@@ -1,10 +1,15 @@
-"""What the gateway is for, without Faktory Enterprise: the contribsys/faktory#465 scenarios, twice.
+"""What the gateway is for, without Faktory Enterprise: the contribsys/faktory#465 scenarios, twice;
+then batches on Faktory OSS with the gateway as their engine.
 
 Starts the real Faktory OSS server, the Ent stand-in in front of it (tests/support/standin.py, as
 permissive as Ent 1.9.4) and two gateways in front of the stand-in (one `strict`, one
 `member-reopen`), runs every scenario once straight to the stand-in and once through a gateway,
-prints one row per scenario, and stops everything it started. Exit status 0 when every row came
-out as expected, 1 when one did not (the rows are named), 2 when the peers could not be started.
+prints one row per scenario. Then a third gateway, `--batches gateway`, straight in front of
+Faktory OSS, and a Go program using the Go client's batch API and a faktory_worker_go worker
+through it (tests/clients/go/workflow): a parent batch, a child, a job that fails once and is
+retried; the callbacks are printed as they ran. Everything it started is stopped. Exit status 0
+when everything came out as expected, 1 when something did not (it is named), 2 when the peers
+could not be started.
 
     scripts/demo.sh                      # installs the test dependencies first, then runs this
     python -m tests.support.demo         # the same, from the repository root, in .venv
@@ -24,6 +29,7 @@ from typing import TextIO
 from tests.support.client import RawClient, job, push_line, uid
 from tests.support.processes import FaktoryServer, GatewayProcess, Process
 from tests.support.standin import StandinProcess
+from tests.support.workflow import run_workflow
 
 ACCEPTED = "accepted"
 DIRECT, THROUGH = "direct (stand-in)", "through the gateway"
@@ -262,6 +268,59 @@ def summarize(results: list[tuple[Scenario, str, str]], out: TextIO) -> int:
     return 0
 
 
+def batches_on_oss(faktory: FaktoryServer, started: list[Process], out: TextIO) -> int:
+    """Part two: the gateway as the batch engine (`batches: gateway`) in front of Faktory OSS, no
+    stand-in; the Go client's batch API producing, faktory_worker_go working, through it."""
+    gateway = GatewayProcess(
+        faktory.url, "--batches", "gateway", "--mode", "member-reopen", "--log-level", "error"
+    )
+    started.append(gateway)
+    gateway.start()
+    metrics = f"http://127.0.0.1:{gateway.http_port}/metrics"
+    print(
+        f"\nBatches on Faktory OSS: gateway --batches gateway at {gateway.url} (metrics on {metrics}),",
+        file=out,
+    )
+    print(
+        "straight in front of Faktory OSS; a Go program (the Go client's batch API, a faktory_worker_go",
+        file=out,
+    )
+    print("worker) through it.\n", file=out)
+    try:
+        flow = run_workflow(gateway.url, gateway.url, "demo-" + uid())
+    except (RuntimeError, OSError) as exc:
+        print(f"UNEXPECTED: the workflow failed: {exc}", file=out)
+        return 1
+    names = {flow.parent: "parent", flow.child: "child"}
+    print(f"  produced: parent {flow.parent} (Step, Spawn), child {flow.child} (Step, Step, Flaky)", file=out)
+    for r in flow.ran:
+        if r["_cb"]:
+            s = r["status"]
+            what = f"{r['_cb']} callback of the {names.get(r['_bid'], r['_bid'])}"
+            detail = f"status: total {s['total']}, pending {s['pending']}, failed {s['failed']}"
+        else:
+            what = f"{r['jobtype']} ({names.get(r['bid'], r['bid'])})"
+            detail = (f"failed: {r['error']}" if r["error"] else "retried, succeeded" if r["retried"]
+                      else f"reopened its committed batch, added {r['added']}" if r.get("added") else "ok")  # fmt: skip
+        print(f"  ran {what:<32} {detail}", file=out)
+    for bid, s in flow.final.items():
+        print(f"  final {names[bid]:<6} total {s['total']}, pending {s['pending']}, failed {s['failed']}, "
+              f"complete_st {s['complete_st']!r}, success_st {s['success_st']!r}", file=out)  # fmt: skip
+    problems = flow.order_problems() + [
+        f"the {names[bid]} did not end with both callbacks done" for bid, s in flow.final.items()
+        if (s["pending"], s["complete_st"], s["success_st"]) != (0, "2", "2")
+    ]  # fmt: skip
+    if problems:
+        print("\nUNEXPECTED: " + "; ".join(problems), file=out)
+        return 1
+    print(
+        "\nAs Enterprise documents it: every callback once, a batch's complete before its success, a",
+        file=out,
+    )
+    print("child's before its parent's; the failed job's retry counted once.", file=out)
+    return 0
+
+
 def refusal_counts(gateway: GatewayProcess) -> list[str]:
     """The gateway's own account, from its /metrics."""
     return [
@@ -299,7 +358,7 @@ def main() -> int:
         status = summarize(results, sys.stdout)
         print("\nThe strict gateway counted:")
         print("\n".join("  " + line for line in refusal_counts(gateways["strict"])))
-        return status
+        return max(status, batches_on_oss(faktory, started, sys.stdout))
     finally:
         for process in reversed(started):
             if isinstance(process, FaktoryServer):
