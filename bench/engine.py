@@ -307,7 +307,7 @@ class EngineBench:
 def report(r: dict) -> tuple[list[str], list[Target]]:
     lines: list[str] = []
     if "push" in r or "ack" in r:
-        heading(lines, "batches: gateway, same gateway, same run", f"{'scenario':10} {'plain jobs/s':>13} {'batch jobs/s':>13} {'ratio':>6} {'CPU µs/cmd plain':>17} {'batch':>7}")  # fmt: skip
+        heading(lines, "batches: gateway, same gateway, same run", f"{'scenario':10} {'plain jobs/s':>13} {'batch jobs/s':>13} {'ratio':>6} {'gateway CPU µs/cmd plain':>25} {'batch':>7} {'ledger CPU µs/job':>18}")  # fmt: skip
     targets = []
     for name in ("push", "ack"):
         if name not in r:
@@ -315,7 +315,8 @@ def report(r: dict) -> tuple[list[str], list[Target]]:
         plain, batch = r[name]["plain"], r[name]["batch"]
         ratio = batch["jobs_per_s"] / plain["jobs_per_s"]
         lines.append(f"{name:10} {plain['jobs_per_s']:13.0f} {batch['jobs_per_s']:13.0f} {ratio:6.2f} "
-                     f"{plain['gateway_cpu_us_per_cmd']:17.1f} {batch['gateway_cpu_us_per_cmd']:7.1f}")  # fmt: skip
+                     f"{plain['gateway_cpu_us_per_cmd']:25.1f} {batch['gateway_cpu_us_per_cmd']:7.1f} "
+                     f"{batch['ledger_cpu_us_per_job']:18.1f}")  # fmt: skip
         targets.append(Target(f"batch {name.upper()} throughput", ">= 0.70x plain", f"{ratio:.2f}x",
                               ratio >= TARGETS[f"{name}_vs_plain"]))  # fmt: skip
     if "life" in r:
