@@ -128,6 +128,37 @@ def test_a_job_failing_once_then_succeeding(clients):
     assert run_one(worker, callbacks)["jobtype"] == "Success"
 
 
+def in_retries(server: FaktoryServer, jid: str) -> bool:
+    """Is jid in the server's retry set (its own Redis)?"""
+    sock = os.path.join(server.storage, "redis.sock")
+    listed = subprocess.run(
+        ["redis-cli", "-s", sock, "ZRANGE", "retries", "0", "-1"], capture_output=True, text=True
+    )
+    return f'"jid":"{jid}"' in listed.stdout
+
+
+def test_faktory_takes_a_pushed_retry_as_every_later_jobs_default():
+    """What the server does (1.9.4, server/commands.go `push`: the job's `Retry` points at the
+    process-wide `client.RetryPolicyDefault` while the PUSH's JSON is read into it): a job pushed
+    with `"retry":0` makes every later job without `retry` ephemeral, its failure discarded, until
+    a job with another `retry` comes. So the tests' pushes carry `retry` (engine.push_into)."""
+    server = FaktoryServer().start()  # its own: this test changes the server's default
+    try:
+        queue, kept = "q-" + uid(), []
+        with (
+            RawClient.connect(server.url) as producer,
+            RawClient.connect(server.url, wid="w-" + uid()) as worker,
+        ):
+            for fields in ({"retry": 0}, {}, {"retry": 25}, {}):
+                jid = "j-" + uid()
+                assert producer.call(push_line(job(jid, queue=queue, **fields))) == b"+OK\r\n"
+                assert run_one(worker, queue, ok=False)["jid"] == jid
+                kept.append(in_retries(server, jid))
+        assert kept == [False, False, True, True]  # a server without the bug: [False, True, True, True]
+    finally:
+        server.cleanup()
+
+
 def test_a_job_that_dies_fires_complete_and_never_success(clients):
     producer, worker = clients.producer, clients.worker
     queue, callbacks = "q-" + uid(), "cb-" + uid()

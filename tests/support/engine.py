@@ -25,6 +25,11 @@ def new_batch(producer: RawClient, parent: str | None = None, **callbacks: str) 
 
 
 def push_into(producer: RawClient, bid: str, queue: str, **fields) -> str:
+    """PUSH a member of bid, with an explicit `retry` (25 unless given): Faktory 1.9.4 reads a PUSH
+    into a job whose `retry` points at the process-wide default, so a job pushed with `"retry":0`
+    makes every later job without the key ephemeral (server/commands.go `push`;
+    test_engine.py::test_faktory_takes_a_pushed_retry_as_every_later_jobs_default)."""
+    fields.setdefault("retry", 25)
     jid = "j-" + uid()
     reply = producer.call(push_line(job(jid, queue=queue, custom={"bid": bid}, **fields)))
     assert reply == b"+OK\r\n", reply
