@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from .. import gotext
 from ..config import Mode, UnknownBatch
@@ -40,24 +41,17 @@ log = logging.getLogger("gateway.guard")
 Subcommand = Callable[[str, Command, Client], Decision]
 
 
+@dataclass(eq=False)
 class BatchCommands:
-    def __init__(
-        self,
-        store: BatchStore,
-        fence: Fence,
-        admission: Admission,
-        holdings: Holdings,
-        outcomes: Outcomes,
-        learner: Learner,
-        settings: RuleSettings,
-    ):
-        self.store = store
-        self.fence = fence
-        self.admission = admission
-        self.holdings = holdings
-        self.outcomes = outcomes
-        self.learner = learner
-        self.settings = settings
+    store: BatchStore
+    fence: Fence
+    admission: Admission
+    holdings: Holdings
+    outcomes: Outcomes
+    learner: Learner
+    settings: RuleSettings
+
+    def __post_init__(self) -> None:
         self._on_bid: dict[bytes, Subcommand] = {
             b"OPEN": self._open,
             b"COMMIT": self._commit,

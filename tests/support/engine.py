@@ -9,6 +9,8 @@ import time
 from tests.support.client import RawClient, job, push_line, uid
 
 CALLBACK_WAIT = 10.0  # seconds a test waits for a callback job to reach its queue
+# BATCH STATUS's keys for a root batch, in Enterprise's order (a child's adds parent_bid after bid).
+STATUS_KEYS = ["bid", "description", "created_at", "total", "pending", "failed", "complete_st", "success_st"]
 
 
 def new_batch(producer: RawClient, parent: str | None = None, **callbacks: str) -> str:

@@ -19,6 +19,7 @@ from gateway.decisions import Forward, Respond
 from gateway.metrics import Metrics
 from gateway.protocol import Command, Reply, bulk_reply
 from gateway.store.memory import MemoryStore
+from tests.support.engine import STATUS_KEYS
 from tests.support.fakes import OK, Clock, FakeClient, reply_of, settings
 from tests.support.playbook import answer, decide
 
@@ -81,16 +82,7 @@ async def test_batch_commands_are_answered_from_the_ledger_with_enterprises_shap
     assert bid.startswith("b-") and len(bid) == 18
     assert await respond(guard, f"BATCH OPEN {bid}", client) == f"${len(bid)}\r\n{bid}\r\n".encode()
     status = json.loads(bulk_text(await respond(guard, f"BATCH STATUS {bid}", client)))
-    assert list(status) == [
-        "bid",
-        "description",
-        "created_at",
-        "total",
-        "pending",
-        "failed",
-        "complete_st",
-        "success_st",
-    ]
+    assert list(status) == STATUS_KEYS
     assert status["created_at"].endswith("Z") and "." in status["created_at"]  # RFC 3339, sub-second
     assert await respond(guard, f"BATCH COMMIT {bid}", client) == OK
     for sub in ("OPEN", "STATUS", "COMMIT"):

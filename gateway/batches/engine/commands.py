@@ -21,6 +21,7 @@ import functools
 import json
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ... import gotext
@@ -52,24 +53,15 @@ def created_at() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
 
 
+@dataclass(eq=False)
 class EngineCommands:
-    def __init__(
-        self,
-        store: BatchStore,
-        fence: Fence,
-        admission: Admission,
-        holdings: Holdings,
-        outcomes: Outcomes,
-        callbacks: Callbacks,
-        settings: RuleSettings,
-    ):
-        self.store = store
-        self.fence = fence
-        self.admission = admission
-        self.holdings = holdings
-        self.outcomes = outcomes
-        self.callbacks = callbacks
-        self.settings = settings
+    store: BatchStore
+    fence: Fence
+    admission: Admission
+    holdings: Holdings
+    outcomes: Outcomes
+    callbacks: Callbacks
+    settings: RuleSettings
 
     def decide(self, command: Command, client: Client, quiet: bool) -> Decision:
         word, _, rest = command.args.partition(b" ")
