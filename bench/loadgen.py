@@ -186,7 +186,9 @@ class Conn(asyncio.Protocol):
 
     def send_next(self) -> None:
         gen = self.gen
-        if gen.stopping:
+        # A worker finishes the job it holds (its ACK, after the window) before it closes: a job
+        # left reserved would stay pending for its whole reservation (bench/engine.py's scale).
+        if gen.stopping and not (gen.fetchack and self.acking):
             self.state = DONE
             self.transport.close()
             gen.conn_done()
