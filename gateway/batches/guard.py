@@ -146,7 +146,7 @@ class BatchGuard:
         if len(verbs) != 1 or verbs[0] != b"PUSH":
             return FULL_PATH
         command = Command.parse(chunk)
-        decision = self.admission.push(command, client, quiet)
+        decision = self.admission.push_naming(command, client, quiet)  # may_name_a_batch(chunk) held
         if type(decision) is Forward and decision.on_reply is None and decision.ticket is not None:
             return Admitted(decision.ticket)
         return Decided(command, decision)

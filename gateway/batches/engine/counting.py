@@ -147,6 +147,8 @@ class Counting:
 
     def finishing(self, verb: bytes, args: bytes) -> Callable[[Reply], Awaitable[bytes]] | None:
         """The reply handler of an ACK or FAIL of a tracked batch job; None for any other job."""
+        if not self.tracked:  # here for a worker's holdings only: no JSON to read
+            return None
         jid = _jid_of(args)
         tracked = self.tracked.get(jid) if jid else None
         if tracked is None or jid is None:
